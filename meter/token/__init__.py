@@ -1,1 +1,28 @@
-"""meter.token"""
+"""The PKCS#11 boundary: the only package that imports ``pkcs11``."""
+
+from meter.token.module import Pkcs11Module, load_module
+from meter.token.profile import (
+    Durability,
+    HsmProfile,
+    KeyAlgorithm,
+    default_profile_path,
+    load_profile,
+)
+from meter.token.session import DataObject, Token
+from meter.token.softhsm import ensure_conf, ensure_token, softhsm_env, token_dir
+
+__all__ = [
+    "DataObject",
+    "Durability",
+    "HsmProfile",
+    "KeyAlgorithm",
+    "Pkcs11Module",
+    "Token",
+    "default_profile_path",
+    "ensure_conf",
+    "ensure_token",
+    "load_module",
+    "load_profile",
+    "softhsm_env",
+    "token_dir",
+]

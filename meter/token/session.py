@@ -1,0 +1,372 @@
+"""One logged-in session on one token, owned by this process, every call serialized."""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pkcs11
+from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
+from pkcs11.util.rsa import encode_rsa_public_key
+
+from meter.errors import TokenError, TokenUnavailable
+from meter.token._errors import translated
+from meter.token.module import Pkcs11Module
+from meter.token.profile import KeyAlgorithm
+
+__all__ = ["DataObject", "KeyKind", "Token"]
+
+KeyKind = Literal["private", "public", "secret"]
+_KEY_CLASSES = {
+    "private": ObjectClass.PRIVATE_KEY,
+    "public": ObjectClass.PUBLIC_KEY,
+    "secret": ObjectClass.SECRET_KEY,
+}
+
+_P256_OID = "1.2.840.10045.3.1.7"
+_ED25519_OID = "1.3.101.112"
+# DER prefixes of SubjectPublicKeyInfo for keys whose encoding python-pkcs11 does not build.
+_ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
+_RSA_ALGID = bytes.fromhex("300d06092a864886f70d0101010500")
+
+
+def _der_len(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def _rsa_spki(rsa_public_key_der: bytes) -> bytes:
+    bitstring = b"\x03" + _der_len(len(rsa_public_key_der) + 1) + b"\x00" + rsa_public_key_der
+    body = _RSA_ALGID + bitstring
+    return b"\x30" + _der_len(len(body)) + body
+
+
+def _octet_string_payload(der: bytes) -> bytes:
+    """The content of a DER OCTET STRING (CKA_EC_POINT is one)."""
+    if not der or der[0] != 0x04:
+        return der  # some tokens return the raw point
+    length = der[1]
+    offset = 2
+    if length & 0x80:
+        count = length & 0x7F
+        length = int.from_bytes(der[2 : 2 + count], "big")
+        offset = 2 + count
+    return der[offset : offset + length]
+
+
+@dataclass(frozen=True)
+class DataObject:
+    """A token data object: its label and value, and the handle to destroy it."""
+
+    label: str
+    value: bytes
+    _object: Any
+
+
+class Token:
+    """A read-write user session on one token. Use as a context manager.
+
+    Every PKCS#11 call takes the module's lock; a file lock keeps other
+    processes from opening the same token through this class at once.
+    """
+
+    def __init__(
+        self,
+        module: Pkcs11Module,
+        label: str,
+        token: pkcs11.Token,
+        session: pkcs11.Session,
+        lock_fd: int,
+        sync_dir: Path | None,
+    ) -> None:
+        self._module = module
+        self.label = label
+        self._token = token
+        self._session: pkcs11.Session | None = session
+        self._lock_fd = lock_fd
+        self._sync_dir = sync_dir
+        self.where = f"token '{label}' in module {module.path}"
+
+    # -- lifetime ---------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        module: Pkcs11Module,
+        label: str,
+        pin: str,
+        *,
+        lock_dir: Path,
+        so: bool = False,
+        sync_dir: Path | None = None,
+    ) -> Token:
+        """Log in to the token labelled ``label``, as user (or SO), taking its process lock."""
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        lock_path = lock_dir / f"token-{label}.lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(fd)
+            raise TokenUnavailable(
+                f"token '{label}' in module {module.path} is in use by another process "
+                f"(lock {lock_path})"
+            ) from exc
+        try:
+            token = module.get_token(label)
+            where = f"token '{label}' in module {module.path}"
+            with module.lock, translated(where, "log in as SO" if so else "log in"):
+                if so:
+                    session = token.open(rw=True, so_pin=pin)
+                else:
+                    session = token.open(rw=True, user_pin=pin)
+            module.open_sessions += 1
+        except BaseException:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise
+        return cls(module, label, token, session, fd, sync_dir)
+
+    def close(self) -> None:
+        if self._session is None:
+            return
+        session, self._session = self._session, None
+        try:
+            with self._module.lock, translated(self.where, "close session"):
+                session.close()
+        finally:
+            self._module.open_sessions -= 1
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+
+    def __enter__(self) -> Token:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _call(self, what: str) -> Iterator[pkcs11.Session]:
+        if self._session is None:
+            raise TokenError(f"{self.where}: session is closed ({what})")
+        with self._module.lock, translated(self.where, what):
+            yield self._session
+
+    @property
+    def serial(self) -> str:
+        return self._token.serial.decode("ascii", "replace").strip()
+
+    # -- keys -------------------------------------------------------------
+
+    def _private_template(self, label: str) -> dict[Attribute, Any]:
+        return {
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.SIGN: True,
+            Attribute.LABEL: label,
+            Attribute.ID: label.encode(),
+        }
+
+    def _public_template(self, label: str) -> dict[Attribute, Any]:
+        return {
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: False,
+            Attribute.VERIFY: True,
+            Attribute.LABEL: label,
+            Attribute.ID: label.encode(),
+        }
+
+    def generate_signing_keypair(self, label: str, algorithm: KeyAlgorithm) -> bytes:
+        """Generate a non-extractable signing key pair in the token; return the public SPKI DER."""
+        if self.has_key(label):
+            raise TokenError(f"{self.where}: a key labelled '{label}' exists already")
+        pub_t = self._public_template(label)
+        priv_t = self._private_template(label)
+        with self._call(f"generate {algorithm} key pair '{label}'") as s:
+            if algorithm is KeyAlgorithm.ECDSA_P256:
+                pub_t[Attribute.EC_PARAMS] = encode_named_curve_parameters(_P256_OID)
+                s.generate_keypair(
+                    KeyType.EC,
+                    mechanism=Mechanism.EC_KEY_PAIR_GEN,
+                    public_template=pub_t,
+                    private_template=priv_t,
+                    store=True,
+                )
+            elif algorithm is KeyAlgorithm.ED25519:
+                pub_t[Attribute.EC_PARAMS] = encode_named_curve_parameters(_ED25519_OID)
+                s.generate_keypair(
+                    KeyType.EC_EDWARDS,
+                    mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
+                    public_template=pub_t,
+                    private_template=priv_t,
+                    store=True,
+                )
+            else:
+                pub_t[Attribute.PUBLIC_EXPONENT] = b"\x01\x00\x01"
+                s.generate_keypair(
+                    KeyType.RSA,
+                    2048,
+                    mechanism=Mechanism.RSA_PKCS_KEY_PAIR_GEN,
+                    public_template=pub_t,
+                    private_template=priv_t,
+                    store=True,
+                )
+        return self.public_key_spki(label)
+
+    def public_key_spki(self, label: str) -> bytes:
+        """The DER SubjectPublicKeyInfo of the public key labelled ``label``."""
+        with self._call(f"read public key '{label}'") as s:
+            key: Any = s.get_key(object_class=ObjectClass.PUBLIC_KEY, label=label)
+            key_type = key.key_type
+            if key_type == KeyType.EC:
+                return bytes(encode_ec_public_key(key))
+            if key_type == KeyType.EC_EDWARDS:
+                point = _octet_string_payload(bytes(key[Attribute.EC_POINT]))
+                return _ED25519_SPKI_PREFIX + point
+            if key_type == KeyType.RSA:
+                return _rsa_spki(bytes(encode_rsa_public_key(key)))
+        raise TokenError(f"{self.where}: public key '{label}' has unsupported type {key_type}")
+
+    def has_key(self, label: str) -> bool:
+        with self._call(f"look up key '{label}'") as s:
+            return any(True for _ in s.get_objects({Attribute.LABEL: label, Attribute.TOKEN: True}))
+
+    def key_attributes(self, label: str, kind: KeyKind) -> dict[str, bool]:
+        """Security attributes of a stored key, read back from the token."""
+        with self._call(f"read attributes of '{label}'") as s:
+            key = s.get_key(object_class=_KEY_CLASSES[kind], label=label)
+            return {
+                "sensitive": bool(key[Attribute.SENSITIVE]),
+                "extractable": bool(key[Attribute.EXTRACTABLE]),
+                "private": bool(key[Attribute.PRIVATE]),
+                "token": bool(key[Attribute.TOKEN]),
+            }
+
+    def sign(self, label: str, algorithm: KeyAlgorithm, message: bytes) -> bytes:
+        """Sign ``message`` inside the token, returning the signature in PIM-1's form.
+
+        ECDSA: SHA-256 outside (SoftHSM2 lacks CKM_ECDSA_SHA256), raw CKM_ECDSA
+        inside, r||s out. Ed25519: CKM_EDDSA over the message. RSA: PSS with
+        SHA-256, MGF1-SHA-256 and a 32-byte salt.
+        """
+        with self._call(f"sign with key '{label}'") as s:
+            key: Any = s.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label)
+            if algorithm is KeyAlgorithm.ECDSA_P256:
+                return bytes(key.sign(hashlib.sha256(message).digest(), mechanism=Mechanism.ECDSA))
+            if algorithm is KeyAlgorithm.ED25519:
+                return bytes(key.sign(message, mechanism=Mechanism.EDDSA))
+            return bytes(
+                key.sign(
+                    message,
+                    mechanism=Mechanism.SHA256_RSA_PKCS_PSS,
+                    mechanism_param=(Mechanism.SHA256, MGF.SHA256, 32),
+                )
+            )
+
+    def generate_hmac_key(self, label: str) -> None:
+        """A 256-bit HMAC-SHA-256 key, generated in the token, sensitive and not extractable."""
+        if self.has_key(label):
+            raise TokenError(f"{self.where}: a key labelled '{label}' exists already")
+        with self._call(f"generate HMAC key '{label}'") as s:
+            s.generate_key(
+                KeyType.GENERIC_SECRET,
+                256,
+                label=label,
+                id=label.encode(),
+                store=True,
+                mechanism=Mechanism.GENERIC_SECRET_KEY_GEN,
+                template={
+                    Attribute.TOKEN: True,
+                    Attribute.PRIVATE: True,
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.SIGN: True,
+                    Attribute.VERIFY: True,
+                },
+            )
+
+    def hmac(self, label: str, data: bytes) -> bytes:
+        """HMAC-SHA-256 of ``data`` under the token's secret key ``label``."""
+        with self._call(f"HMAC with key '{label}'") as s:
+            key: Any = s.get_key(object_class=ObjectClass.SECRET_KEY, label=label)
+            return bytes(key.sign(data, mechanism=Mechanism.SHA256_HMAC))
+
+    def destroy_key(self, label: str) -> None:
+        with self._call(f"destroy key '{label}'") as s:
+            for obj in list(s.get_objects({Attribute.LABEL: label, Attribute.TOKEN: True})):
+                obj.destroy()
+
+    def random(self, length: int) -> bytes:
+        with self._call("generate random") as s:
+            return bytes(s.generate_random(length * 8))
+
+    # -- data objects -----------------------------------------------------
+
+    def create_data(
+        self, application: str, label: str, value: bytes, *, private: bool = True
+    ) -> DataObject:
+        """Store a new token data object (SoftHSM2 cannot change a stored value in place)."""
+        with self._call(f"create data object '{label}'") as s:
+            obj = s.create_object(
+                {
+                    Attribute.CLASS: ObjectClass.DATA,
+                    Attribute.TOKEN: True,
+                    Attribute.PRIVATE: private,
+                    Attribute.MODIFIABLE: False,
+                    Attribute.APPLICATION: application,
+                    Attribute.LABEL: label,
+                    Attribute.VALUE: value,
+                }
+            )
+        return DataObject(label, value, obj)
+
+    def data_objects(self, application: str) -> list[DataObject]:
+        """Every data object of ``application`` in the token, in no particular order."""
+        with self._call(f"list data objects of '{application}'") as s:
+            found = s.get_objects(
+                {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: application}
+            )
+            return [
+                DataObject(str(obj[Attribute.LABEL]), bytes(obj[Attribute.VALUE]), obj)
+                for obj in found
+            ]
+
+    def destroy(self, obj: DataObject) -> None:
+        with self._call(f"destroy data object '{obj.label}'"):
+            obj._object.destroy()
+
+    def make_durable(self) -> None:
+        """Flush what the token wrote to stable storage, where the token does not itself."""
+        if self._sync_dir is None:
+            return
+        fd = os.open(self._sync_dir, os.O_RDONLY)
+        try:
+            if _libc().syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise TokenError(
+                    f"{self.where}: syncfs of {self._sync_dir} failed: {os.strerror(err)}"
+                )
+        finally:
+            os.close(fd)
+
+
+_LIBC: ctypes.CDLL | None = None
+
+
+def _libc() -> ctypes.CDLL:
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+    return _LIBC

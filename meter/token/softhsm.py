@@ -1,0 +1,108 @@
+"""Provisioning SoftHSM2 tokens under a folder of their own (development and CI).
+
+A real HSM is initialized with its vendor's tools; SoftHSM2 tokens are made
+here, idempotently, without PINs ever reaching a process argument: the token
+is initialized through PKCS#11 (C_InitToken, C_InitPIN) rather than by
+calling ``softhsm2-util --pin ...``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import pkcs11
+from pkcs11 import TokenFlag
+
+from meter.errors import ConfigurationError, TokenError
+from meter.token._errors import translated
+from meter.token.module import Pkcs11Module, load_module
+from meter.token.profile import HsmProfile
+
+__all__ = ["conf_path", "ensure_conf", "ensure_token", "softhsm_env", "token_dir"]
+
+_CONF_TEMPLATE = """\
+# Written by meter: SoftHSM2 configuration for the tokens of this home.
+directories.tokendir = {tokendir}
+objectstore.backend = file
+log.level = ERROR
+slots.removable = false
+"""
+
+
+def conf_path(profile: HsmProfile, home: Path) -> Path | None:
+    """Where this home's SOFTHSM2_CONF lives, or None for a profile that is not SoftHSM2."""
+    return None if profile.softhsm_conf is None else home / profile.softhsm_conf
+
+
+def token_dir(home: Path) -> Path:
+    return home / "tokens"
+
+
+def ensure_conf(profile: HsmProfile, home: Path) -> Path:
+    """Write the home's softhsm2.conf and token folder if missing; return the conf path."""
+    path = conf_path(profile, home)
+    if path is None:
+        raise ConfigurationError(f"profile {profile.name} is not a SoftHSM2 profile")
+    tokens = token_dir(home).resolve()
+    tokens.mkdir(parents=True, exist_ok=True, mode=0o700)
+    text = _CONF_TEMPLATE.format(tokendir=tokens)
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    return path
+
+
+def softhsm_env(profile: HsmProfile, home: Path) -> dict[str, str]:
+    path = conf_path(profile, home)
+    return {} if path is None else {"SOFTHSM2_CONF": str(path.resolve())}
+
+
+def _free_slot(module: Pkcs11Module) -> pkcs11.Slot:
+    with module.lock, translated(f"module {module.path}", "list slots"):
+        for slot in module.lib.get_slots(token_present=True):
+            if not slot.get_token().flags & TokenFlag.TOKEN_INITIALIZED:
+                return slot
+    raise TokenError(f"module {module.path}: no free slot to initialize a token in")
+
+
+def _token_exists(module: Pkcs11Module, label: str) -> bool:
+    with module.lock:
+        return any(True for _ in module.lib.get_tokens(token_label=label))
+
+
+def ensure_token(profile: HsmProfile, home: Path, label: str, so_pin: str, user_pin: str) -> bool:
+    """Create the token ``label`` in the home's SoftHSM2 store unless it exists.
+
+    Returns True when it was created now. PINs come from the caller (prompt or
+    environment), never from a file.
+    """
+    ensure_conf(profile, home)
+    module = load_module(profile.module, softhsm_env(profile, home))
+    if _token_exists(module, label):
+        return False
+    slot = _free_slot(module)
+    where = f"token '{label}' in module {module.path}"
+    # python-pkcs11 does not wrap C_InitToken; the library is already
+    # initialized by python-pkcs11 and dlopen hands back the same instance.
+    lib = ctypes.CDLL(module.path)
+    lib.C_InitToken.argtypes = [ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+    lib.C_InitToken.restype = ctypes.c_ulong
+    so = so_pin.encode()
+    padded = label.encode().ljust(32, b" ")
+    if len(padded) > 32:
+        raise ConfigurationError(f"token label '{label}' is longer than 32 bytes")
+    with module.lock:
+        rv = lib.C_InitToken(slot.slot_id, so, len(so), padded)
+    if rv != 0:
+        raise TokenError(f"{where}: C_InitToken failed with CKR 0x{rv:08x}")
+    token = module.get_token(label)
+    with (
+        module.lock,
+        translated(where, "set the user PIN"),
+        token.open(rw=True, so_pin=so_pin) as session,
+    ):
+        session.init_pin(user_pin)
+    return True
