@@ -1,0 +1,97 @@
+"""A meter home: the folder holding a SoftHSM2 store, exported certificates and local state.
+
+Layout: ``softhsm2.conf`` and ``tokens/`` (postal root, provider and meter
+tokens), ``locks/``, ``certs/`` (PEM exports), ``labels/``,
+``provider/ledger.jsonl``, ``postoffice/replay.log``. PINs never live here:
+they come from the environment or a prompt.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from meter.errors import ConfigurationError
+from meter.token import HsmProfile, Pkcs11Module, Token, load_module, load_profile, softhsm_env
+from meter.token.profile import Durability
+from meter.token.softhsm import token_dir
+
+__all__ = ["PIN_VARIABLES", "Home", "pin_from_env"]
+
+# Which environment variable holds which PIN.
+PIN_VARIABLES = {
+    "meter": ("METER_USER_PIN", "METER_SO_PIN"),
+    "provider": ("PROVIDER_USER_PIN", "PROVIDER_SO_PIN"),
+    "postal-root": ("POSTAL_ROOT_USER_PIN", "POSTAL_ROOT_SO_PIN"),
+}
+
+
+def pin_from_env(variable: str, what: str) -> str:
+    """A PIN from the environment, or from a hidden prompt on a terminal; never from a file."""
+    value = os.environ.get(variable)
+    if value:
+        return value
+    if sys.stdin.isatty():
+        return str(click.prompt(f"{what} ({variable})", hide_input=True))
+    raise ConfigurationError(f"{what} is needed: set {variable} in the environment")
+
+
+@dataclass(frozen=True)
+class Home:
+    path: Path
+    profile: HsmProfile
+
+    @classmethod
+    def at(cls, path: Path, profile_path: Path | None = None) -> Home:
+        return cls(path.expanduser().resolve(), load_profile(profile_path))
+
+    @property
+    def certs(self) -> Path:
+        return self.path / "certs"
+
+    @property
+    def labels(self) -> Path:
+        return self.path / "labels"
+
+    @property
+    def ledger(self) -> Path:
+        return self.path / "provider" / "ledger.jsonl"
+
+    @property
+    def replay_store(self) -> Path:
+        return self.path / "postoffice" / "replay.log"
+
+    @property
+    def revocations(self) -> Path:
+        return self.path / "postoffice" / "revoked.json"
+
+    def module(self) -> Pkcs11Module:
+        return load_module(self.profile.module, softhsm_env(self.profile, self.path))
+
+    def token_label(self, party: str) -> str:
+        labels = self.profile.labels
+        return {
+            "meter": labels.meter,
+            "provider": labels.provider,
+            "postal-root": labels.postal_root,
+        }[party]
+
+    def open_token(self, party: str, pin: str | None = None) -> Token:
+        """Log in to a party's token with its user PIN (from the environment unless given)."""
+        if (
+            self.profile.softhsm_conf is not None
+            and not (self.path / self.profile.softhsm_conf).exists()
+        ):
+            raise ConfigurationError(
+                f"{self.path} is not a meter home yet: run `meter init` or `meter demo`"
+            )
+        variable = PIN_VARIABLES[party][0]
+        pin = pin or pin_from_env(variable, f"user PIN of the {party} token")
+        sync = token_dir(self.path) if self.profile.durability is Durability.SYNCFS else None
+        return Token.open(
+            self.module(), self.token_label(party), pin, lock_dir=self.path / "locks", sync_dir=sync
+        )

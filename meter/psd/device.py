@@ -1,0 +1,323 @@
+"""The meter's firmware: provisioning, certificates, credit and issuing indicia.
+
+Every value that leaves the meter is checked first; the debit is made
+durable in the token before the signature is computed, so a crash may lose
+the one piece in flight but never creates postage or reuses a sequence.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from meter.errors import CertificateError, DeviceLocked, InvalidInput, ProtocolError
+from meter.indicium import (
+    EPOCH,
+    FLAG_CORRECTION,
+    FLAG_SPECIMEN,
+    MAX_ADVANCE_DAYS,
+    MAX_POSTAGE,
+    Algorithm,
+    Indicium,
+    RateCategory,
+    address_digest,
+    key_id,
+)
+from meter.protocol.credit import CreditGrant, CreditRequest, verify_provider_certificate
+from meter.psd.identity import DeviceIdentity, load_identity, store_identity
+from meter.psd.register_store import MAC_KEY_LABEL, RegisterStore
+from meter.psd.registers import Registers
+from meter.token import KeyAlgorithm, Token
+
+__all__ = ["CERT_APPLICATION", "SIGNING_KEY_LABEL", "IssueRequest", "Meter"]
+
+SIGNING_KEY_LABEL = "indicium-signing"
+CERT_APPLICATION = "meter.certificate"
+_CERT_LABELS = ("meter", "provider", "postal-root")
+_ZIP5 = re.compile(r"[0-9]{5}")
+_ALGORITHM_BYTE = {
+    KeyAlgorithm.ECDSA_P256: Algorithm.ECDSA_P256,
+    KeyAlgorithm.ED25519: Algorithm.ED25519,
+    KeyAlgorithm.RSA_PSS_2048: Algorithm.RSA_PSS_2048,
+}
+
+Clock = Callable[[], datetime]
+
+
+def system_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class IssueRequest:
+    """What a customer asks for; amounts in mills (1/10 cent)."""
+
+    postage: int
+    rate_category: RateCategory
+    origin_zip: str
+    destination_zip: str
+    address: Sequence[str] | str
+    destination_plus4: str = "0000"
+    delivery_point: str = "00"
+    date_of_mailing: date | None = None
+    specimen: bool = False
+    correction_of: int | None = None
+
+    def destination(self) -> str:
+        for name, value, width in (
+            ("destination ZIP", self.destination_zip, 5),
+            ("ZIP+4", self.destination_plus4, 4),
+            ("delivery point", self.delivery_point, 2),
+        ):
+            if len(value) != width or not value.isascii() or not value.isdigit():
+                raise InvalidInput(f"{name} '{value}' must be {width} digits")
+        return self.destination_zip + self.destination_plus4 + self.delivery_point
+
+
+@dataclass(frozen=True)
+class Certificates:
+    meter: x509.Certificate
+    provider: x509.Certificate
+    root: x509.Certificate
+
+
+class Meter:
+    """One provisioned device over its open token."""
+
+    def __init__(
+        self,
+        token: Token,
+        identity: DeviceIdentity,
+        registers: RegisterStore,
+        clock: Clock,
+        certificates: Certificates | None,
+    ) -> None:
+        self.token = token
+        self.identity = identity
+        self._registers = registers
+        self._clock = clock
+        self.certificates = certificates
+        self._public_key_spki = token.public_key_spki(SIGNING_KEY_LABEL)
+        self.key_id = key_id(serialization.load_der_public_key(self._public_key_spki))
+
+    # -- lifetime ---------------------------------------------------------
+
+    @classmethod
+    def provision(
+        cls, token: Token, identity: DeviceIdentity, clock: Clock = system_clock
+    ) -> Meter:
+        """Generate the signing key and register MAC key in the token; registers at zero."""
+        token.generate_signing_keypair(SIGNING_KEY_LABEL, identity.algorithm)
+        token.generate_hmac_key(MAC_KEY_LABEL)
+        RegisterStore.create(token, identity.device_serial)
+        store_identity(token, identity)
+        return cls.open(token, clock)
+
+    @classmethod
+    def open(cls, token: Token, clock: Clock = system_clock) -> Meter:
+        identity = load_identity(token)
+        registers = RegisterStore.open(token, identity.device_serial)
+        return cls(token, identity, registers, clock, _load_certificates(token))
+
+    @property
+    def registers(self) -> Registers:
+        return self._registers.current
+
+    @property
+    def public_key_spki(self) -> bytes:
+        return self._public_key_spki
+
+    def now(self) -> datetime:
+        return self._clock().astimezone(UTC).replace(microsecond=0)
+
+    # -- certificates (Authorize PSD) -------------------------------------
+
+    def install_certificates(
+        self, meter_cert: x509.Certificate, provider: x509.Certificate, root: x509.Certificate
+    ) -> None:
+        """Load the meter's certificate chain after checking it names this device and key."""
+        if self.certificates is not None:
+            raise CertificateError(f"device {self.identity.device_serial} has certificates already")
+        auth_id = _checked_provider(provider, root, self.now())
+        if auth_id != self.identity.authorization_id:
+            raise CertificateError(
+                f"provider certificate is for authorization id {auth_id}, the device for "
+                f"{self.identity.authorization_id}"
+            )
+        spki = meter_cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        if spki != self._public_key_spki:
+            raise CertificateError("meter certificate does not hold this device's signing key")
+        serials = meter_cert.subject.get_attributes_for_oid(x509.oid.NameOID.SERIAL_NUMBER)
+        if [str(a.value) for a in serials] != [str(self.identity.device_serial)]:
+            raise CertificateError("meter certificate does not name this device's serial")
+        try:
+            meter_cert.verify_directly_issued_by(provider)
+        except Exception as exc:
+            raise CertificateError("meter certificate is not issued by the provider") from exc
+        for label, cert in zip(_CERT_LABELS, (meter_cert, provider, root), strict=True):
+            self.token.create_data(
+                CERT_APPLICATION,
+                label,
+                cert.public_bytes(serialization.Encoding.DER),
+                private=False,
+            )
+        self.token.make_durable()
+        self.certificates = Certificates(meter_cert, provider, root)
+
+    def _require_certified(self) -> Certificates:
+        if self.certificates is None:
+            raise DeviceLocked(
+                f"device {self.identity.device_serial} has no certificate yet (authorize it first)"
+            )
+        return self.certificates
+
+    # -- credit -----------------------------------------------------------
+
+    def request_credit(self) -> CreditRequest:
+        """Start a credit: a fresh nonce, durable in the registers, answered by one grant only."""
+        self._require_certified()
+        current = self._registers.current
+        nonce = self.token.random(16)
+        self._registers.commit(current.with_nonce(nonce))
+        r = self._registers.current
+        return CreditRequest(
+            self.identity.authorization_id,
+            self.identity.device_serial,
+            nonce,
+            r.ascending,
+            r.descending,
+            r.control_total,
+            r.sequence,
+        )
+
+    def apply_credit(self, grant: CreditGrant) -> Registers:
+        """Verify a provider's grant and add its amount; a replayed or altered grant changes nothing."""
+        certs = self._require_certified()
+        _checked_provider(certs.provider, certs.root, self.now())
+        grant.verify(certs.provider)
+        if grant.device_serial != self.identity.device_serial:
+            raise ProtocolError(
+                f"credit grant is for device {grant.device_serial}, not {self.identity.device_serial}"
+            )
+        if grant.authorization_id != self.identity.authorization_id:
+            raise ProtocolError(
+                f"credit grant comes from authorization id {grant.authorization_id}"
+            )
+        current = self._registers.current
+        try:
+            new = current.credit(grant.amount, grant.nonce, grant.transaction_id)
+        except InvalidInput as exc:
+            raise ProtocolError(f"credit grant {grant.transaction_id.hex()}: {exc}") from exc
+        self._registers.commit(new)
+        return new
+
+    # -- issuing ----------------------------------------------------------
+
+    def issue(self, request: IssueRequest) -> Indicium:
+        """Debit the registers durably, then sign a PIM-1 indicium for one piece."""
+        self._require_certified()
+        now = self.now()
+        if now < EPOCH:
+            raise InvalidInput(f"meter clock {now.isoformat()} is before 2020")
+        today = now.date()
+        mailing = request.date_of_mailing or today
+        if mailing < today:
+            raise InvalidInput(f"date of mailing {mailing} is before the meter's date {today}")
+        if mailing > today + timedelta(days=MAX_ADVANCE_DAYS):
+            raise InvalidInput(
+                f"date of mailing {mailing} is more than {MAX_ADVANCE_DAYS} days after {today} "
+                "(advance-dating limit)"
+            )
+        if not _ZIP5.fullmatch(request.origin_zip):
+            raise InvalidInput(f"origin ZIP '{request.origin_zip}' must be 5 digits")
+        destination = request.destination()
+        if request.specimen:
+            if request.postage != 0:
+                raise InvalidInput("a specimen indicium carries no postage: postage must be 0")
+        elif not 0 < request.postage <= MAX_POSTAGE:
+            raise InvalidInput(
+                f"postage {request.postage} mills must be between 1 and {MAX_POSTAGE} mills"
+            )
+        current = self._registers.current
+        flags, reference = 0, 0
+        if request.specimen:
+            flags |= FLAG_SPECIMEN
+        if request.correction_of is not None:
+            if not 0 < request.correction_of <= current.sequence:
+                raise InvalidInput(
+                    f"correction refers to piece {request.correction_of}, but this meter has "
+                    f"issued pieces 1..{current.sequence}"
+                )
+            flags |= FLAG_CORRECTION
+            reference = request.correction_of
+        new = current.debit(request.postage)
+        unsigned = Indicium(
+            algorithm=_ALGORITHM_BYTE[self.identity.algorithm],
+            authorization_id=self.identity.authorization_id,
+            vendor_model=self.identity.vendor_model,
+            device_serial=self.identity.device_serial,
+            key_id=self.key_id,
+            sequence=new.sequence,
+            ascending=new.ascending,
+            descending=new.descending,
+            postage=request.postage,
+            rate_category=request.rate_category,
+            date_of_mailing=mailing,
+            time_of_issue=now,
+            origin_zip=request.origin_zip,
+            destination=destination,
+            address_digest=address_digest(request.address),
+            software_id=self.identity.software_id,
+            flags=flags,
+            reference_sequence=reference,
+        )
+        signed_part = unsigned.signed_part()  # every field checked before anything changes
+        self._registers.commit(new)  # durable before the indicium exists
+        signature = self.token.sign(SIGNING_KEY_LABEL, self.identity.algorithm, signed_part)
+        return unsigned.with_signature(signature)
+
+    def status(self) -> dict[str, object]:
+        r = self._registers.current
+        return {
+            "device_serial": self.identity.device_serial,
+            "vendor_model": self.identity.vendor_model,
+            "authorization_id": self.identity.authorization_id,
+            "algorithm": self.identity.algorithm.value,
+            "key_id": self.key_id.hex(),
+            "certified": self.certificates is not None,
+            "ascending": r.ascending,
+            "descending": r.descending,
+            "control_total": r.control_total,
+            "piece_count": r.sequence,
+            "credit_pending": r.credit_nonce != bytes(16),
+            "time": self.now().isoformat(),
+        }
+
+
+def _checked_provider(provider: x509.Certificate, root: x509.Certificate, at: datetime) -> int:
+    try:
+        return verify_provider_certificate(provider, root, at)
+    except ProtocolError as exc:
+        raise CertificateError(str(exc)) from exc
+
+
+def _load_certificates(token: Token) -> Certificates | None:
+    found = {obj.label: obj.value for obj in token.data_objects(CERT_APPLICATION)}
+    if not found:
+        return None
+    try:
+        meter_cert, provider, root = (
+            x509.load_der_x509_certificate(found[k]) for k in _CERT_LABELS
+        )
+    except (KeyError, ValueError) as exc:
+        raise CertificateError(
+            f"{token.where}: the stored certificate chain is incomplete"
+        ) from exc
+    return Certificates(meter_cert, provider, root)

@@ -1,0 +1,129 @@
+"""The meter's registers: pure arithmetic and their MAC'd record format.
+
+Ascending (all postage ever issued), descending (postage still available),
+control total (all postage ever credited; always ascending + descending) and
+the piece sequence of the last indicium issued. Every change makes a new
+generation; the record binds the device serial so it cannot be moved to
+another meter.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, replace
+
+from meter.errors import InsufficientFunds, InvalidInput, RegisterCorrupt
+
+__all__ = ["NO_NONCE", "RECORD_LENGTH", "Registers"]
+
+_MAGIC = b"PREG"
+_VERSION = 1
+# magic, version, device serial, generation, ascending, descending, control
+# total, sequence, outstanding credit nonce, last credit transaction id
+_FORMAT = ">4sBQQQQQI16s16s"
+_BODY_LENGTH = struct.calcsize(_FORMAT)
+_MAC_LENGTH = 32
+RECORD_LENGTH = _BODY_LENGTH + _MAC_LENGTH
+NO_NONCE = bytes(16)
+_MAX_REGISTER = 2**40 - 1  # PIM-1 carries registers in 5 bytes
+_MAX_SEQUENCE = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Registers:
+    device_serial: int
+    generation: int
+    ascending: int
+    descending: int
+    control_total: int
+    sequence: int
+    credit_nonce: bytes = NO_NONCE
+    last_credit_id: bytes = NO_NONCE
+
+    @classmethod
+    def initial(cls, device_serial: int) -> Registers:
+        return cls(device_serial, 1, 0, 0, 0, 0)
+
+    def check(self) -> None:
+        """The conservation law; a record that breaks it is corrupt."""
+        if self.ascending + self.descending != self.control_total:
+            raise RegisterCorrupt(
+                f"device {self.device_serial} generation {self.generation}: ascending "
+                f"{self.ascending} + descending {self.descending} != control total {self.control_total}"
+            )
+
+    def debit(self, postage: int) -> Registers:
+        """The registers after issuing one piece of ``postage`` mills (0 for a specimen)."""
+        if postage < 0:
+            raise InvalidInput(f"postage must not be negative (got {postage} mills)")
+        if postage > self.descending:
+            raise InsufficientFunds(
+                f"device {self.device_serial}: postage {postage} mills exceeds the descending "
+                f"register ({self.descending} mills)"
+            )
+        if self.sequence >= _MAX_SEQUENCE:
+            raise InvalidInput(f"device {self.device_serial}: piece sequence exhausted")
+        if self.ascending + postage > _MAX_REGISTER:
+            raise InvalidInput(f"device {self.device_serial}: ascending register would overflow")
+        return replace(
+            self,
+            generation=self.generation + 1,
+            ascending=self.ascending + postage,
+            descending=self.descending - postage,
+            sequence=self.sequence + 1,
+        )
+
+    def with_nonce(self, nonce: bytes) -> Registers:
+        """Record an outstanding credit request's nonce (one at a time)."""
+        if len(nonce) != 16 or nonce == NO_NONCE:
+            raise InvalidInput("a credit nonce is 16 bytes, not all zero")
+        return replace(self, generation=self.generation + 1, credit_nonce=nonce)
+
+    def credit(self, amount: int, nonce: bytes, credit_id: bytes) -> Registers:
+        """Add ``amount`` mills for the outstanding request ``nonce``, consuming the nonce."""
+        if amount <= 0:
+            raise InvalidInput(f"credit amount must be positive (got {amount} mills)")
+        if self.credit_nonce == NO_NONCE or nonce != self.credit_nonce:
+            raise InvalidInput(
+                f"device {self.device_serial}: credit does not answer the outstanding request "
+                "(replayed, stale or for another request)"
+            )
+        if self.control_total + amount > _MAX_REGISTER:
+            raise InvalidInput(f"device {self.device_serial}: control total would overflow")
+        return replace(
+            self,
+            generation=self.generation + 1,
+            descending=self.descending + amount,
+            control_total=self.control_total + amount,
+            credit_nonce=NO_NONCE,
+            last_credit_id=credit_id,
+        )
+
+    def body(self) -> bytes:
+        return struct.pack(
+            _FORMAT,
+            _MAGIC,
+            _VERSION,
+            self.device_serial,
+            self.generation,
+            self.ascending,
+            self.descending,
+            self.control_total,
+            self.sequence,
+            self.credit_nonce,
+            self.last_credit_id,
+        )
+
+    @classmethod
+    def parse(cls, record: bytes) -> tuple[Registers, bytes, bytes]:
+        """Split a record into registers, the MAC'd body and the MAC; RegisterCorrupt if unreadable."""
+        if len(record) != RECORD_LENGTH:
+            raise RegisterCorrupt(
+                f"register record has {len(record)} bytes, expected {RECORD_LENGTH}"
+            )
+        body, mac = record[:_BODY_LENGTH], record[_BODY_LENGTH:]
+        magic, version, *fields = struct.unpack(_FORMAT, body)
+        if magic != _MAGIC or version != _VERSION:
+            raise RegisterCorrupt("register record has an unknown magic or version")
+        serial, generation, asc, desc, total, seq, nonce, credit_id = fields
+        return cls(serial, generation, asc, desc, total, seq, nonce, credit_id), body, mac
