@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
@@ -122,7 +123,7 @@ def export_certificates(home: Home, meter: Meter, out: Path | None = None) -> di
     return paths
 
 
-def credit(home: Home, amount: int, clock: Clock = system_clock) -> dict[str, object]:
+def credit(home: Home, amount: int, clock: Clock = system_clock) -> dict[str, Any]:
     """One credit round: the meter asks, the provider grants and records, the meter applies."""
     with home.open_token("meter") as mtoken, home.open_token("provider") as ptoken:
         meter = Meter.open(mtoken, clock)

@@ -96,6 +96,9 @@ class Token:
         self._lock_fd = lock_fd
         self._sync_dir = sync_dir
         self.where = f"token '{label}' in module {module.path}"
+        # Key handles by (class, label): a lookup is a C_FindObjects round trip
+        # on every signature otherwise. Keys only change through this object.
+        self._keys: dict[tuple[ObjectClass, str], Any] = {}
 
     # -- lifetime ---------------------------------------------------------
 
@@ -161,6 +164,14 @@ class Token:
             raise TokenError(f"{self.where}: session is closed ({what})")
         with self._module.lock, translated(self.where, what):
             yield self._session
+
+    def _key(self, session: pkcs11.Session, object_class: ObjectClass, label: str) -> Any:
+        key = self._keys.get((object_class, label))
+        if key is None:
+            key = self._keys[(object_class, label)] = session.get_key(
+                object_class=object_class, label=label
+            )
+        return key
 
     @property
     def serial(self) -> str:
@@ -262,7 +273,7 @@ class Token:
         SHA-256, MGF1-SHA-256 and a 32-byte salt.
         """
         with self._call(f"sign with key '{label}'") as s:
-            key: Any = s.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label)
+            key = self._key(s, ObjectClass.PRIVATE_KEY, label)
             if algorithm is KeyAlgorithm.ECDSA_P256:
                 return bytes(key.sign(hashlib.sha256(message).digest(), mechanism=Mechanism.ECDSA))
             if algorithm is KeyAlgorithm.ED25519:
@@ -300,10 +311,11 @@ class Token:
     def hmac(self, label: str, data: bytes) -> bytes:
         """HMAC-SHA-256 of ``data`` under the token's secret key ``label``."""
         with self._call(f"HMAC with key '{label}'") as s:
-            key: Any = s.get_key(object_class=ObjectClass.SECRET_KEY, label=label)
+            key = self._key(s, ObjectClass.SECRET_KEY, label)
             return bytes(key.sign(data, mechanism=Mechanism.SHA256_HMAC))
 
     def destroy_key(self, label: str) -> None:
+        self._keys = {k: v for k, v in self._keys.items() if k[1] != label}
         with self._call(f"destroy key '{label}'") as s:
             for obj in list(s.get_objects({Attribute.LABEL: label, Attribute.TOKEN: True})):
                 obj.destroy()

@@ -20,7 +20,14 @@ from meter.token._errors import translated
 from meter.token.module import Pkcs11Module, load_module
 from meter.token.profile import HsmProfile
 
-__all__ = ["conf_path", "ensure_conf", "ensure_token", "softhsm_env", "token_dir"]
+__all__ = [
+    "conf_path",
+    "ensure_conf",
+    "ensure_token",
+    "provision_main",
+    "softhsm_env",
+    "token_dir",
+]
 
 _CONF_TEMPLATE = """\
 # Written by meter: SoftHSM2 configuration for the tokens of this home.
@@ -106,3 +113,28 @@ def ensure_token(profile: HsmProfile, home: Path, label: str, so_pin: str, user_
     ):
         session.init_pin(user_pin)
     return True
+
+
+def provision_main(argv: list[str]) -> int:
+    """``python -m meter.token.softhsm DIR LABEL``: provision a token; PINs from the environment."""
+    import sys
+
+    from meter.token.profile import load_profile
+
+    if len(argv) != 2:
+        print(
+            "usage: softhsm/provision DIR LABEL  (PINs in SOFTHSM_SO_PIN, SOFTHSM_USER_PIN)",
+            file=sys.stderr,
+        )
+        return 2
+    so_pin, user_pin = os.environ.get("SOFTHSM_SO_PIN"), os.environ.get("SOFTHSM_USER_PIN")
+    if not so_pin or not user_pin:
+        print("set SOFTHSM_SO_PIN and SOFTHSM_USER_PIN", file=sys.stderr)
+        return 2
+    profile = load_profile()
+    home = Path(argv[0]).resolve()
+    created = ensure_token(profile, home, argv[1], so_pin, user_pin)
+    print(
+        f"{'created' if created else 'exists'}: token '{argv[1]}'; SOFTHSM2_CONF={conf_path(profile, home)}"
+    )
+    return 0

@@ -1,0 +1,199 @@
+"""Benchmarks, each next to the raw rate of the operation underneath, measured in the same run.
+
+The machines are shared and noisy, so what matters is the ratio: the meter's
+single-piece issuing against the token's raw create+destroy of a data object
+(a register update is one of those), verification from bytes against the
+raw ``cryptography`` P-256 verify.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+from meter.cli import workflows
+from meter.cli.home import PIN_VARIABLES, Home
+from meter.indicium import RateCategory, decode
+from meter.pki.revocation import Revocations
+from meter.pki.trust import TrustStore
+from meter.postoffice import EmbeddedReplayStore, Verifier
+from meter.psd import IssueRequest, Meter
+from meter.token import KeyAlgorithm
+
+VECTORS = Path(__file__).resolve().parents[2] / "shared" / "spec" / "vectors-v1.json"
+
+
+def rate(fn: Callable[[], int], seconds: float) -> float:
+    """Operations per second of ``fn`` (which returns how many it did), run for ~seconds."""
+    done, start = 0, time.perf_counter()
+    while True:
+        done += fn()
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return done / elapsed
+
+
+def bench_meter(seconds: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="meter-bench-") as tmp:
+        for pair in PIN_VARIABLES.values():
+            for var in pair:
+                os.environ.setdefault(var, f"bench-{var.lower()}")
+        home = Home.at(Path(tmp) / "home")
+        workflows.init_home(home, workflows.InitOptions(device_serial=123456789012))
+        workflows.credit(home, 2**39)
+        with home.open_token("meter") as token:
+            digest = hashlib.sha256(b"x" * 84).digest()
+            sign = rate(
+                lambda: [token.sign("indicium-signing", KeyAlgorithm.ECDSA_P256, digest)] and 1,
+                seconds,
+            )
+
+            def create_destroy() -> int:
+                obj = token.create_data("bench", "bench", b"r" * 150)
+                token.destroy(obj)
+                return 1
+
+            create_destroy_rate = rate(create_destroy, seconds)
+            meter = Meter.open(token)
+            req = IssueRequest(
+                postage=730,
+                rate_category=RateCategory.FIRST_CLASS_LETTER,
+                origin_zip="94043",
+                destination_zip="62704",
+                address=["Jane Q. Public", "1234 Main St.", "Springfield, IL 62704"],
+            )
+            issue_rate = rate(lambda: [meter.issue(req)] and 1, seconds)
+            pieces = meter.registers.sequence
+        return {
+            "raw_token": {
+                "sign_per_s": round(sign, 1),
+                "create_destroy_per_s": round(create_destroy_rate, 1),
+            },
+            "issue_single": {
+                "per_s": round(issue_rate, 1),
+                "ratio_to_create_destroy": round(issue_rate / create_destroy_rate, 3),
+                "target_ratio": 0.8,
+                "pieces": pieces,
+            },
+        }
+
+
+def sample_indicia(count: int) -> tuple[list[bytes], TrustStore, datetime]:
+    """Fresh ECDSA indicia signed in software with the spec's test meter key (test key only)."""
+    vectors = json.loads(VECTORS.read_text())
+    certs = vectors["certificates"]
+    trust = TrustStore.from_pem(
+        certs["postal_root"].encode(), "".join(certs["providers"] + certs["meters"]).encode()
+    )
+    template = decode(bytes.fromhex(vectors["vectors"][0]["indicium_hex"]))
+    key = serialization.load_pem_private_key(
+        vectors["meter_private_keys_for_tests_only"][str(template.device_serial)].encode(), None
+    )
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    out = []
+    for i in range(count):
+        ind = replace(template, sequence=1000 + i, ascending=template.ascending + i)
+        ind = replace(ind, descending=template.descending - i)
+        r, s = decode_dss_signature(key.sign(ind.signed_part(), ec.ECDSA(hashes.SHA256())))
+        out.append(ind.with_signature(r.to_bytes(32, "big") + s.to_bytes(32, "big")).to_bytes())
+    return out, trust, template.time_of_issue
+
+
+def bench_verify(seconds: float, count: int = 4096) -> dict[str, Any]:
+    indicia, trust, issued = sample_indicia(count)
+    public = trust.candidates(decode(indicia[0]).key_id)[0].meter.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    signed = [(d[:84], d[84:]) for d in indicia]
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    ders = [
+        (m, encode_dss_signature(int.from_bytes(s[:32], "big"), int.from_bytes(s[32:], "big")))
+        for m, s in signed
+    ]
+
+    def raw() -> int:
+        for m, sig in ders[:512]:
+            public.verify(sig, m, ec.ECDSA(hashes.SHA256()))
+        return 512
+
+    raw_rate = rate(raw, seconds)
+    with tempfile.TemporaryDirectory(prefix="meter-bench-") as tmp:
+        rounds = {"n": 0}
+
+        def batch() -> int:
+            # A new store each round so every piece is new (VALID), as at a real office.
+            store = EmbeddedReplayStore.open(Path(tmp) / f"replay-{rounds['n']}.log")
+            rounds["n"] += 1
+            with store:
+                verifier = Verifier(
+                    trust, Revocations.empty(), store, (issued + timedelta(days=1)).date()
+                )
+                for start in range(0, len(indicia), 512):
+                    verifier.verify_batch(indicia[start : start + 512])
+            return len(indicia)
+
+        verify_rate = rate(batch, seconds)
+    return {
+        "verify_bytes": {
+            "per_s": round(verify_rate, 1),
+            "raw_verify_per_s": round(raw_rate, 1),
+            "ratio_to_raw_verify": round(verify_rate / raw_rate, 3),
+            "target_ratio": 0.8,
+            "batch": 512,
+            "replay_store": "embedded (one fsync per batch)",
+        }
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
+    args = parser.parse_args()
+    report: dict[str, Any] = {
+        "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    report.update(bench_meter(args.seconds))
+    report.update(bench_verify(args.seconds))
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    rows = [
+        ("raw token ECDSA P-256 sign", report["raw_token"]["sign_per_s"], ""),
+        ("raw token create+destroy data object", report["raw_token"]["create_destroy_per_s"], ""),
+        (
+            "meter issue, one durable debit each",
+            report["issue_single"]["per_s"],
+            f"{report['issue_single']['ratio_to_create_destroy']:.2f} x create+destroy (target 0.8)",
+        ),
+        ("raw cryptography P-256 verify", report["verify_bytes"]["raw_verify_per_s"], ""),
+        (
+            "post office verify from bytes",
+            report["verify_bytes"]["per_s"],
+            f"{report['verify_bytes']['ratio_to_raw_verify']:.2f} x raw verify (target 0.8)",
+        ),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'operation':<{width}}  {'per second':>12}  ratio")
+    for name, value, ratio in rows:
+        print(f"{name:<{width}}  {value:>12,.1f}  {ratio}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

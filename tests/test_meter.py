@@ -1,0 +1,240 @@
+"""The meter end to end on SoftHSM2: provisioning, credit, issuing, and checks on bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+from meter.cli import workflows
+from meter.cli.home import Home
+from meter.errors import (
+    AuthenticationFailed,
+    ConfigurationError,
+    InsufficientFunds,
+    InvalidInput,
+    ProtocolError,
+    TokenUnavailable,
+)
+from meter.indicium import RateCategory, address_digest, decode, key_id, verify_signature
+from meter.pki.revocation import Revocations
+from meter.pki.trust import TrustStore
+from meter.postoffice import MemoryReplayStore, Verdict, Verifier
+from meter.provider import Provider
+from meter.psd import IssueRequest, Meter
+from meter.psd.register_store import MAC_KEY_LABEL
+from meter.token import KeyAlgorithm
+
+ADDRESS = ["Jane Q. Public", "1234 Main St.", "Springfield, IL 62704"]
+
+
+def request(**changes: object) -> IssueRequest:
+    base = IssueRequest(
+        postage=730,
+        rate_category=RateCategory.FIRST_CLASS_LETTER,
+        origin_zip="94043",
+        destination_zip="62704",
+        destination_plus4="1234",
+        delivery_point="23",
+        address=ADDRESS,
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def verifier_for(home: Home, today: date | None = None) -> Verifier:
+    trust = TrustStore.from_files(
+        home.certs / "postal-root.pem", [home.certs / "provider.pem", home.certs / "meter.pem"]
+    )
+    return Verifier(
+        trust, Revocations.empty(), MemoryReplayStore(), today or datetime.now(UTC).date()
+    )
+
+
+def test_private_and_secret_keys_are_sensitive_and_never_extractable(provisioned: Home) -> None:
+    with provisioned.open_token("meter") as token:
+        for label, kind in (("indicium-signing", "private"), (MAC_KEY_LABEL, "secret")):
+            attrs = token.key_attributes(label, kind)  # type: ignore[arg-type]
+            assert attrs == {
+                "sensitive": True,
+                "extractable": False,
+                "private": True,
+                "token": True,
+            }
+    for party, label in (("provider", "provider-signing"), ("postal-root", "postal-root-signing")):
+        with provisioned.open_token(party) as token:
+            assert token.key_attributes(label, "private")["extractable"] is False
+
+
+@pytest.mark.parametrize("algorithm", list(KeyAlgorithm))
+def test_issued_indicium_is_signed_in_the_token_and_verifies(
+    home: Home, algorithm: KeyAlgorithm
+) -> None:
+    workflows.init_home(
+        home, workflows.InitOptions(device_serial=555000111222, algorithm=algorithm)
+    )
+    workflows.credit(home, 50_000)
+    issued = workflows.issue(home, request())
+    data = issued.indicium.to_bytes()
+    assert len(data) == (340 if algorithm is KeyAlgorithm.RSA_PSS_2048 else 148)
+    ind = decode(data)
+    assert ind == issued.indicium
+    assert (ind.sequence, ind.ascending, ind.descending, ind.postage) == (1, 730, 49_270, 730)
+    assert ind.address_digest == address_digest(ADDRESS)
+    assert ind.destination == "62704123423"
+    with provisioned_meter(home) as meter:
+        public = load_der_public_key(meter.public_key_spki)
+        assert ind.key_id == key_id(public)  # type: ignore[arg-type]
+        verify_signature(ind.algorithm, public, data[:84], ind.signature)  # type: ignore[arg-type]
+    result = verifier_for(home).verify(data)
+    assert result.verdict is Verdict.VALID, result.reason
+    assert verifier_for(home).verify(data[:-1]).verdict is Verdict.MALFORMED
+
+
+class provisioned_meter:
+    def __init__(self, home: Home) -> None:
+        self.token = home.open_token("meter")
+
+    def __enter__(self) -> Meter:
+        return Meter.open(self.token)
+
+    def __exit__(self, *exc: object) -> None:
+        self.token.close()
+
+
+def registers_of(home: Home) -> tuple[int, int, int, int]:
+    with provisioned_meter(home) as meter:
+        r = meter.registers
+        return (r.ascending, r.descending, r.control_total, r.sequence)
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "message"),
+    [
+        ({"postage": 0}, InvalidInput, "postage 0 mills"),
+        ({"postage": 2_000_000}, InsufficientFunds, "exceeds the descending register"),
+        ({"origin_zip": "9404"}, InvalidInput, "origin ZIP"),
+        ({"origin_zip": "9404a"}, InvalidInput, "origin ZIP"),
+        ({"destination_zip": "ABCDE"}, InvalidInput, "destination ZIP"),
+        ({"destination_plus4": "12"}, InvalidInput, "ZIP\\+4"),
+        (
+            {"date_of_mailing": datetime.now(UTC).date() + timedelta(days=11)},
+            InvalidInput,
+            "advance-dating",
+        ),
+        (
+            {"date_of_mailing": datetime.now(UTC).date() - timedelta(days=2)},
+            InvalidInput,
+            "before the meter's date",
+        ),
+        ({"specimen": True}, InvalidInput, "specimen"),
+        ({"correction_of": 7}, InvalidInput, "correction refers to piece 7"),
+    ],
+)
+def test_bad_requests_get_a_clear_error_and_change_nothing(
+    provisioned: Home, changes: dict[str, object], error: type[Exception], message: str
+) -> None:
+    workflows.credit(provisioned, 100_000)
+    before = registers_of(provisioned)
+    with pytest.raises(error, match=message):
+        workflows.issue(provisioned, request(**changes))
+    assert registers_of(provisioned) == before
+    assert not list(provisioned.labels.glob("*")) if provisioned.labels.exists() else True
+
+
+def test_unknown_rate_category_is_refused() -> None:
+    with pytest.raises(InvalidInput, match="first-class-letter"):
+        RateCategory.parse("carrier-pigeon")
+
+
+def test_advance_dating_up_to_the_limit_specimen_and_correction(provisioned: Home) -> None:
+    workflows.credit(provisioned, 10_000)
+    v = verifier_for(provisioned)
+    ahead = workflows.issue(
+        provisioned, request(date_of_mailing=datetime.now(UTC).date() + timedelta(days=10))
+    )
+    assert ahead.indicium.date_of_mailing - ahead.indicium.time_of_issue.date() == timedelta(
+        days=10
+    )
+    assert v.verify(ahead.indicium.to_bytes()).verdict is Verdict.NOT_YET_VALID  # too early to mail
+    specimen = workflows.issue(provisioned, request(postage=0, specimen=True)).indicium
+    assert specimen.is_specimen and specimen.postage == 0 and specimen.sequence == 2
+    assert v.verify(specimen.to_bytes()).verdict is Verdict.SPECIMEN
+    first = workflows.issue(provisioned, request()).indicium
+    fix = workflows.issue(provisioned, request(postage=100, correction_of=first.sequence)).indicium
+    assert fix.is_correction and fix.reference_sequence == first.sequence == fix.sequence - 1
+    assert v.verify(fix.to_bytes()).verdict is Verdict.VALID
+    assert registers_of(provisioned) == (730 + 730 + 100, 10_000 - 1_560, 10_000, 4)
+
+
+def test_postage_cannot_exceed_the_descending_register(provisioned: Home) -> None:
+    workflows.credit(provisioned, 1_000)
+    workflows.issue(provisioned, request(postage=730))
+    with pytest.raises(InsufficientFunds):
+        workflows.issue(provisioned, request(postage=271))
+    workflows.issue(provisioned, request(postage=270))
+    assert registers_of(provisioned) == (1_000, 0, 1_000, 2)
+
+
+def test_credit_grant_is_bound_to_nonce_device_and_provider_signature(provisioned: Home) -> None:
+    now = datetime.now(UTC)
+    with provisioned_meter(provisioned) as meter, provisioned.open_token("provider") as ptoken:
+        provider = Provider.open(ptoken, provisioned.ledger)
+        req = meter.request_credit()
+        grant = provider.grant_credit(req, 5_000, now)
+        altered = dataclasses.replace(grant, amount=500_000)
+        with pytest.raises(ProtocolError, match="does not verify"):
+            meter.apply_credit(altered)
+        other = dataclasses.replace(grant, device_serial=1234)
+        with pytest.raises(ProtocolError):
+            meter.apply_credit(other)
+        assert meter.registers.control_total == 0
+        meter.apply_credit(grant)
+        assert meter.registers.descending == 5_000
+        with pytest.raises(ProtocolError, match="replayed"):
+            meter.apply_credit(grant)
+        with pytest.raises(ProtocolError, match="granted already"):
+            provider.grant_credit(req, 5_000, now)
+        # A grant for a newer request cannot be swapped for the old one.
+        req2 = meter.request_credit()
+        grant2 = provider.grant_credit(req2, 1_000, now)
+        with pytest.raises(ProtocolError):
+            meter.apply_credit(grant)
+        meter.apply_credit(grant2)
+        assert meter.registers.control_total == 6_000
+        assert provider.credited(meter.identity.device_serial) == 6_000
+
+
+def test_wrong_pin_missing_home_and_token_in_use(provisioned: Home, tmp_path: Path) -> None:
+    with pytest.raises(AuthenticationFailed, match="wrong PIN"):
+        provisioned.open_token("meter", pin="not-the-pin")
+    with pytest.raises(ConfigurationError, match="not a meter home"):
+        Home.at(tmp_path / "nowhere").open_token("meter")
+    with provisioned.open_token("meter"), pytest.raises(TokenUnavailable, match="in use"):
+        provisioned.open_token("meter")
+
+
+def test_registers_survive_reopen_and_stale_records_are_cleaned(provisioned: Home) -> None:
+    workflows.credit(provisioned, 3_000)
+    workflows.issue(provisioned, request())
+    with provisioned.open_token("meter") as token:
+        from meter.psd.register_store import APPLICATION
+
+        records = token.data_objects(APPLICATION)
+        assert len(records) == 1
+        # A crash between "create new" and "destroy old" leaves two records; the
+        # older generation is removed on open and the newer one wins.
+        token.create_data(APPLICATION, "stale", records[0].value[:-1] + b"\x00")
+        meter = Meter.open(token)
+        assert meter.registers.sequence == 1
+        assert len(token.data_objects(APPLICATION)) == 1
+
+
+def test_demo_home_is_refused_without_its_pins(
+    provisioned: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("METER_USER_PIN")
+    with pytest.raises(ConfigurationError, match="METER_USER_PIN"):
+        provisioned.open_token("meter")
