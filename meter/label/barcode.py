@@ -1,0 +1,254 @@
+"""PDF417 encoding and barcode reading: the only module that imports the barcode libraries.
+
+Encoding uses pdf417gen's row and error-correction code but does its own byte
+compaction, so the symbol holds exactly the given bytes with no text or numeric
+segments. Reading uses zxing-cpp and returns `Barcode.bytes`, the symbol's raw
+bytes before any character-set interpretation.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import struct
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeAlias
+
+import zxingcpp
+from pdf417gen.encoding import encode_rows
+from pdf417gen.error_correction import compute_error_correction_code_words
+from PIL import Image, UnidentifiedImageError
+
+from meter.errors import BarcodeError, InvalidInput
+
+ImageSource: TypeAlias = str | os.PathLike[str] | bytes | Image.Image
+
+MIN_SECURITY_LEVEL = 5  # PIM-1: error correction level 5 or higher
+QUIET_MODULES = 4  # ISO/IEC 15438 asks for at least 2 modules of quiet zone each side
+ROW_MODULES = 3  # row height in modules; 3 is the standard's minimum recommendation
+
+_MAX_CODEWORDS = 928  # data, length descriptor, padding and error correction together
+_BYTE_LATCH = 901  # byte compaction, any length
+_BYTE_LATCH_6 = 924  # byte compaction, length a multiple of 6
+_PAD = 900
+_TARGET_ASPECT = 2.0  # width : height; prints well beside the human-readable block
+_WANTED = (zxingcpp.BarcodeFormat.PDF417, zxingcpp.BarcodeFormat.DataMatrix)
+# 1 bits are bars (black), 0 bits spaces (white), as 8-bit grey levels.
+_BITS_TO_GREY = bytes.maketrans(b"01", b"\xff\x00")
+
+
+@dataclass(frozen=True)
+class Symbol:
+    """A PDF417 symbol as rows of modules, "1" for a bar: shared by the PNG and PDF renderers."""
+
+    rows: tuple[str, ...]
+
+    @property
+    def width(self) -> int:
+        """Width in modules, quiet zone excluded."""
+        return len(self.rows[0])
+
+    def image(self, module_px: int) -> Image.Image:
+        """A greyscale image, `module_px` pixels per module, with its quiet zone."""
+        raw = "".join(self.rows).encode("ascii").translate(_BITS_TO_GREY)
+        small = Image.frombytes("L", (self.width, len(self.rows)), raw)
+        quiet = QUIET_MODULES * module_px
+        big = small.resize(
+            (self.width * module_px, len(self.rows) * ROW_MODULES * module_px),
+            Image.Resampling.NEAREST,
+        )
+        framed = Image.new("L", (big.width + 2 * quiet, big.height + 2 * quiet), 255)
+        framed.paste(big, (quiet, quiet))
+        return framed
+
+
+def pdf417_symbol(
+    data: bytes, *, security_level: int = MIN_SECURITY_LEVEL, columns: int | None = None
+) -> Symbol:
+    """The PDF417 symbol holding exactly `data` in byte compaction mode."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise InvalidInput(f"barcode data must be bytes, not {type(data).__name__}")
+    data = bytes(data)
+    if not data:
+        raise InvalidInput("barcode data is empty")
+    if not MIN_SECURITY_LEVEL <= security_level <= 8:
+        raise InvalidInput(
+            f"PDF417 error correction level {security_level} refused: "
+            f"PIM-1 needs {MIN_SECURITY_LEVEL} to 8"
+        )
+    if columns is not None and not 1 <= columns <= 30:
+        raise InvalidInput(f"PDF417 columns must be 1 to 30, not {columns}")
+    words = _byte_compaction(data)
+    ec_count = 2 ** (security_level + 1)
+    total = 1 + len(words) + ec_count  # with the length descriptor
+    if total > _MAX_CODEWORDS:
+        raise BarcodeError(
+            f"{len(data)} bytes do not fit one PDF417 symbol at error correction level "
+            f"{security_level} ({total} codewords, at most {_MAX_CODEWORDS})"
+        )
+    cols = columns if columns is not None else _auto_columns(total)
+    rows = math.ceil(total / cols)
+    if not 3 <= rows <= 90:
+        raise BarcodeError(f"{cols} columns give {rows} PDF417 rows; the standard allows 3 to 90")
+    padding = [_PAD] * (rows * cols - total)
+    head = [1 + len(words) + len(padding), *words, *padding]
+    codewords = head + list(compute_error_correction_code_words(head, security_level))
+    grid = [codewords[i : i + cols] for i in range(0, len(codewords), cols)]
+    coded = encode_rows(grid, cols, security_level)
+    # Every codeword starts with a bar, so its plain binary form has its full width.
+    return Symbol(tuple("".join(format(cw, "b") for cw in row) for row in coded))
+
+
+def encode_pdf417(
+    data: bytes,
+    *,
+    security_level: int = MIN_SECURITY_LEVEL,
+    columns: int | None = None,
+    module_px: int = 3,
+) -> Image.Image:
+    """A greyscale image of the PDF417 symbol holding exactly `data`, quiet zone included.
+
+    `columns=None` picks the column count giving a symbol about twice as wide as
+    tall (7 columns for a 148-byte indicium, 9 for 340 bytes at level 5).
+    Raises InvalidInput for a level below 5 or bad parameters, BarcodeError when
+    the data does not fit one symbol.
+    """
+    if not 1 <= module_px <= 50:
+        raise InvalidInput(f"module size must be 1 to 50 pixels, not {module_px}")
+    return pdf417_symbol(data, security_level=security_level, columns=columns).image(module_px)
+
+
+def decode_image(source: ImageSource) -> bytes:
+    """The raw bytes held by the one PDF417 or Data Matrix symbol in an image.
+
+    `source` is a path, the encoded bytes of an image file (PNG, JPEG...) or a
+    PIL image. Raises BarcodeError when the image cannot be read, holds no such
+    symbol, holds more than one, or only barcodes of other formats.
+    """
+    image = _open(source)
+    try:
+        return _decode(image, _describe(source))
+    finally:
+        if image is not source:
+            image.close()
+
+
+def decode_images(sources: Sequence[ImageSource]) -> list[bytes | BarcodeError]:
+    """decode_image over many images in parallel (zxing-cpp releases the GIL).
+
+    Each result is the bytes or the BarcodeError for that image, in input order.
+    """
+
+    def one(source: ImageSource) -> bytes | BarcodeError:
+        try:
+            return decode_image(source)
+        except BarcodeError as exc:
+            return exc
+
+    if len(sources) < 2:
+        return [one(source) for source in sources]
+    with ThreadPoolExecutor(max_workers=min(len(sources), os.cpu_count() or 1)) as pool:
+        return list(pool.map(one, sources))
+
+
+def _byte_compaction(data: bytes) -> list[int]:
+    """Byte compaction codewords: 6 bytes become 5 base-900 digits, a tail 1 byte each."""
+    whole = len(data) - len(data) % 6
+    words = [_BYTE_LATCH_6 if whole == len(data) else _BYTE_LATCH]
+    for i in range(0, whole, 6):
+        n = int.from_bytes(data[i : i + 6], "big")
+        words += [n // 900**k % 900 for k in range(4, -1, -1)]
+    words += data[whole:]
+    return words
+
+
+def _auto_columns(total: int) -> int:
+    """The column count whose symbol is closest to the target aspect ratio."""
+
+    def misfit(cols: int) -> float:
+        rows = math.ceil(total / cols)
+        if not 3 <= rows <= 90:
+            return math.inf
+        width = 17 * cols + 69  # start, left indicator, data, right indicator, stop
+        return abs(math.log(width / (rows * ROW_MODULES) / _TARGET_ASPECT))
+
+    return min(range(1, 31), key=misfit)
+
+
+def _describe(source: ImageSource) -> str:
+    if isinstance(source, str | os.PathLike):
+        return f"image {os.fspath(source)!r}"
+    if isinstance(source, bytes | bytearray):
+        return f"image of {len(source)} bytes"
+    return "image"
+
+
+def _open(source: ImageSource) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    what = _describe(source)
+    if isinstance(source, bytes | bytearray | memoryview):
+        opened: io.BytesIO | str | os.PathLike[str] = io.BytesIO(source)
+    elif isinstance(source, str | os.PathLike):
+        opened = source
+    else:
+        raise InvalidInput(f"cannot read an image from a {type(source).__name__}")
+    try:
+        image = Image.open(opened)
+        image.load()
+    except FileNotFoundError as exc:
+        raise BarcodeError(f"{what}: no such file") from exc
+    except UnidentifiedImageError as exc:
+        raise BarcodeError(f"{what}: not an image file Pillow can read") from exc
+    except Image.DecompressionBombError as exc:
+        raise BarcodeError(f"{what}: too many pixels ({exc})") from exc
+    # Pillow's decoders report a damaged file with any of these.
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
+        raise BarcodeError(f"{what}: unreadable or corrupt ({exc})") from exc
+    return image
+
+
+def _decode(image: Image.Image, what: str) -> bytes:
+    image = _flatten(image)
+    # Fast path: the two accepted formats at full resolution, every orientation.
+    found = zxingcpp.read_barcodes(
+        image, formats=zxingcpp.BarcodeFormats(_WANTED), try_downscale=False, try_invert=False
+    )
+    if not found:
+        # Slow path, only for hard or wrong images: every trick and every
+        # format, failed symbols included, to find a symbol or explain its absence.
+        found = zxingcpp.read_barcodes(image, return_errors=True)
+    good = [b for b in found if b.format in _WANTED and b.valid]
+    if len(good) == 1:
+        return bytes(good[0].bytes)
+    if len(good) > 1:
+        raise BarcodeError(f"{what}: {len(good)} PDF417/Data Matrix symbols, expected one")
+    damaged = [b for b in found if not b.valid]
+    if damaged:
+        kind = damaged[0].error.type.name.lower() if damaged[0].error else "unknown"
+        raise BarcodeError(
+            f"{what}: a damaged {damaged[0].format.name} symbol ({kind} error); "
+            "rescan or reprint it"
+        )
+    if found:
+        names = sorted({b.format.name for b in found})
+        raise BarcodeError(f"{what}: holds {', '.join(names)}, not a PDF417 or Data Matrix symbol")
+    raise BarcodeError(f"{what}: no barcode found")
+
+
+def _flatten(image: Image.Image) -> Image.Image:
+    """The image as zxing-cpp reads it fastest: 8-bit grey, transparency put on white."""
+    if image.mode == "L":
+        return image  # taken as it is: no copy
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        # 16-bit scans: Pillow's convert("L") would clip 0..65535 to 255, not scale it.
+        return image.convert("I").point(lambda v: v / 257).convert("L")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("L")
+    # From RGB this costs ~2 ms for a 4 x 6 inch page and saves zxing-cpp ~25 ms.
+    return image.convert("L")
