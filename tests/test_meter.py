@@ -238,3 +238,12 @@ def test_demo_home_is_refused_without_its_pins(
     monkeypatch.delenv("METER_USER_PIN")
     with pytest.raises(ConfigurationError, match="METER_USER_PIN"):
         provisioned.open_token("meter")
+
+
+def test_an_address_the_label_cannot_print_is_refused_before_the_debit(provisioned: Home) -> None:
+    workflows.credit(provisioned, 10_000)
+    with pytest.raises(InvalidInput, match="cannot be printed"):
+        workflows.issue(provisioned, request(address=["Jane\u0007Doe", "1 Main St"]))
+    with pytest.raises(InvalidInput):
+        workflows.issue(provisioned, request(address=[f"line {i}" for i in range(20)]))
+    assert registers_of(provisioned) == (0, 10_000, 10_000, 0)

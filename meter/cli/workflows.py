@@ -164,18 +164,48 @@ def label_info(indicium: Indicium, address: Sequence[str]) -> LabelInfo:
 def issue(
     home: Home, request: IssueRequest, out: Path | None = None, clock: Clock = system_clock
 ) -> IssuedLabel:
-    """Issue one indicium (durable debit first) and write its label as PNG and PDF."""
-    with home.open_token("meter") as token:
-        meter = Meter.open(token, clock)
-        indicium = meter.issue(request)
+    """Issue one indicium (durable debit first) and write its label as PNG and PDF.
+
+    The label is laid out once with placeholder values before the meter
+    debits anything, so an address the label cannot print is refused
+    before a piece sequence is spent.
+    """
     address = [request.address] if isinstance(request.address, str) else list(request.address)
     lines = [line for text in address for line in text.splitlines() if line.strip()]
+    with home.open_token("meter") as token:
+        meter = Meter.open(token, clock)
+        render_label(
+            bytes(_PLACEHOLDER_LENGTH[meter.identity.algorithm]), _placeholder_info(request, lines)
+        )
+        indicium = meter.issue(request)
     label = render_label(indicium.to_bytes(), label_info(indicium, lines))
     stem = out or home.labels / f"{indicium.device_serial}-{indicium.sequence:06d}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     png, pdf = stem.with_suffix(".png"), stem.with_suffix(".pdf")
     write_label(label, png, pdf)
     return IssuedLabel(indicium, png, pdf)
+
+
+_PLACEHOLDER_LENGTH = {
+    KeyAlgorithm.ECDSA_P256: 148,
+    KeyAlgorithm.ED25519: 148,
+    KeyAlgorithm.RSA_PSS_2048: 340,
+}
+
+
+def _placeholder_info(request: IssueRequest, lines: Sequence[str]) -> LabelInfo:
+    """The widest values the indicium's human-readable fields can take, with the real address."""
+    return LabelInfo(
+        postage=format_mills(max(request.postage, 0)),
+        date_of_mailing="2026-12-31",
+        origin_zip=request.origin_zip or "00000",
+        device_serial="18446744073709551615",
+        sequence="4294967295",
+        rate=request.rate_category.title,
+        destination_lines=tuple(lines),
+        specimen=request.specimen,
+        correction=request.correction_of is not None,
+    )
 
 
 def new_device_serial() -> int:
