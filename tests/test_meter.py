@@ -17,6 +17,8 @@ from meter.errors import (
     InsufficientFunds,
     InvalidInput,
     ProtocolError,
+    RegisterCorrupt,
+    TokenError,
     TokenUnavailable,
 )
 from meter.indicium import RateCategory, address_digest, decode, key_id, verify_signature
@@ -247,3 +249,24 @@ def test_an_address_the_label_cannot_print_is_refused_before_the_debit(provision
     with pytest.raises(InvalidInput):
         workflows.issue(provisioned, request(address=[f"line {i}" for i in range(20)]))
     assert registers_of(provisioned) == (0, 10_000, 10_000, 0)
+
+
+@pytest.mark.parametrize("what", ["objects", "everything"])
+def test_a_corrupt_token_gives_a_clear_error(provisioned: Home, what: str) -> None:
+    workflows.credit(provisioned, 1_000)
+    for path in (provisioned.path / "tokens").glob("*/*.object"):
+        if what == "objects" and path.name == "token.object":
+            continue
+        path.write_bytes(bytes(reversed(path.read_bytes())))
+    with (
+        pytest.raises((TokenError, ConfigurationError, RegisterCorrupt), match="token 'meter'"),
+        provisioned.open_token("meter") as token,
+    ):
+        Meter.open(token)
+
+
+def test_a_moved_home_still_finds_its_own_tokens(provisioned: Home, tmp_path: Path) -> None:
+    moved = tmp_path / "moved"
+    provisioned.path.rename(moved)
+    with Home.at(moved).open_token("meter") as token:
+        assert Meter.open(token).identity.device_serial == 983973031309

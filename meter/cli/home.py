@@ -16,7 +16,15 @@ from pathlib import Path
 import click
 
 from meter.errors import ConfigurationError
-from meter.token import HsmProfile, Pkcs11Module, Token, load_module, load_profile, softhsm_env
+from meter.token import (
+    HsmProfile,
+    Pkcs11Module,
+    Token,
+    ensure_conf,
+    load_module,
+    load_profile,
+    softhsm_env,
+)
 from meter.token.profile import Durability
 from meter.token.softhsm import token_dir
 
@@ -70,6 +78,8 @@ class Home:
         return self.path / "postoffice" / "revoked.json"
 
     def module(self) -> Pkcs11Module:
+        if self.profile.softhsm_conf is not None:
+            ensure_conf(self.profile, self.path)  # the home may have been moved or copied
         return load_module(self.profile.module, softhsm_env(self.profile, self.path))
 
     def token_label(self, party: str) -> str:
