@@ -125,6 +125,7 @@ class EmbeddedReplayStore:
     @classmethod
     def open(cls, path: Path) -> EmbeddedReplayStore:
         """Open or create the store file; ReplayStoreError if locked or corrupt."""
+        path = Path(path)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
