@@ -34,7 +34,7 @@ from meter.postoffice import EmbeddedReplayStore, Verifier
 from meter.psd import IssueRequest, Meter
 from meter.token import KeyAlgorithm
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "spec" / "vectors-v1.json"
+VECTORS = Path(__file__).resolve().parents[1] / "tests" / "vectors" / "pim1-vectors-v1.json"
 
 
 def rate(fn: Callable[[], int], seconds: float) -> float:

@@ -19,7 +19,7 @@ from typing import Any
 from meter.cli import workflows
 from meter.cli.home import Home
 from meter.indicium import RateCategory
-from meter.psd import IssueRequest
+from meter.psd import IssueRequest, Meter
 from meter.token import session
 
 home_path, released_path, point, nth = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
@@ -62,18 +62,17 @@ def record_release(indicium: Any) -> None:
         os.fsync(f.fileno())
 
 
-original_render = workflows.render_label
+original_issue = Meter.issue
 
 
-def render_and_record(data: bytes, info: Any) -> Any:
-    from meter.indicium import decode
-
-    record_release(decode(data))  # the indicium left the meter
-    die_at("during-label")
-    return original_render(data, info)
+def issue_and_record(self: Meter, request: IssueRequest) -> Any:
+    indicium = original_issue(self, request)
+    record_release(indicium)  # the indicium has left the meter
+    return indicium
 
 
-workflows.render_label = render_and_record  # type: ignore[assignment]
+Meter.issue = issue_and_record  # type: ignore[method-assign]
+wrap(workflows, "write_label", "during-label", None)
 
 home = Home.at(Path(home_path))
 print("ready", flush=True)
