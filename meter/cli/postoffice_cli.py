@@ -27,12 +27,16 @@ _HEX = re.compile(r"[0-9a-fA-F\s]*")
 
 def open_verifier(
     home: Home,
-    root: Path,
+    root: Path | None,
     certs: Sequence[Path],
     revoked: Path | None,
     on: date | None,
     store: Path | None,
 ) -> tuple[Verifier, EmbeddedReplayStore]:
+    """A verifier over the given certificates (default: the home's exported chain)."""
+    if root is None:
+        root, default_certs = _default_certs(home)
+        certs = certs or default_certs
     trust = TrustStore.from_files(root, list(certs))
     revocations = Revocations.from_file(revoked) if revoked else Revocations.empty()
     store = store or home.replay_store
@@ -142,9 +146,6 @@ def register(
             if (indicium is None) == (image is None):
                 raise InvalidInput("give either an indicium in hex or --image PATH")
             data = decode_image(image) if image is not None else _indicium_bytes(indicium or "")
-            if root is None:
-                root, default_certs = _default_certs(home)
-                certs = certs or tuple(default_certs)
             verifier, replay = open_verifier(home, root, certs, revoked, parse_date(on), store)
             with replay:
                 result = verifier.verify(data)
@@ -176,9 +177,6 @@ def register(
         """
         with errors(ctx):
             home = home_of(ctx)
-            if root is None:
-                root, default_certs = _default_certs(home)
-                certs = certs or tuple(default_certs)
             verifier, replay = open_verifier(home, root, certs, revoked, parse_date(on), store)
             with replay:
                 for obj in _batch(verifier, (line.rstrip("\n") for line in input_file)):

@@ -33,6 +33,10 @@ _KEY_CLASSES = {
 
 _P256_OID = "1.2.840.10045.3.1.7"
 _ED25519_OID = "1.3.101.112"
+_CURVES = {
+    KeyAlgorithm.ECDSA_P256: (KeyType.EC, Mechanism.EC_KEY_PAIR_GEN, _P256_OID),
+    KeyAlgorithm.ED25519: (KeyType.EC_EDWARDS, Mechanism.EC_EDWARDS_KEY_PAIR_GEN, _ED25519_OID),
+}
 # DER prefixes of SubjectPublicKeyInfo for keys whose encoding python-pkcs11 does not build.
 _ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
 _RSA_ALGID = bytes.fromhex("300d06092a864886f70d0101010500")
@@ -205,35 +209,22 @@ class Token:
             raise TokenError(f"{self.where}: a key labelled '{label}' exists already")
         pub_t = self._public_template(label)
         priv_t = self._private_template(label)
+        if algorithm is KeyAlgorithm.RSA_PSS_2048:
+            key_type, mechanism, length = KeyType.RSA, Mechanism.RSA_PKCS_KEY_PAIR_GEN, 2048
+            pub_t[Attribute.PUBLIC_EXPONENT] = b"\x01\x00\x01"
+        else:
+            key_type, mechanism, oid = _CURVES[algorithm]
+            length = None
+            pub_t[Attribute.EC_PARAMS] = encode_named_curve_parameters(oid)
         with self._call(f"generate {algorithm} key pair '{label}'") as s:
-            if algorithm is KeyAlgorithm.ECDSA_P256:
-                pub_t[Attribute.EC_PARAMS] = encode_named_curve_parameters(_P256_OID)
-                s.generate_keypair(
-                    KeyType.EC,
-                    mechanism=Mechanism.EC_KEY_PAIR_GEN,
-                    public_template=pub_t,
-                    private_template=priv_t,
-                    store=True,
-                )
-            elif algorithm is KeyAlgorithm.ED25519:
-                pub_t[Attribute.EC_PARAMS] = encode_named_curve_parameters(_ED25519_OID)
-                s.generate_keypair(
-                    KeyType.EC_EDWARDS,
-                    mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
-                    public_template=pub_t,
-                    private_template=priv_t,
-                    store=True,
-                )
-            else:
-                pub_t[Attribute.PUBLIC_EXPONENT] = b"\x01\x00\x01"
-                s.generate_keypair(
-                    KeyType.RSA,
-                    2048,
-                    mechanism=Mechanism.RSA_PKCS_KEY_PAIR_GEN,
-                    public_template=pub_t,
-                    private_template=priv_t,
-                    store=True,
-                )
+            s.generate_keypair(
+                key_type,
+                length,
+                mechanism=mechanism,
+                public_template=pub_t,
+                private_template=priv_t,
+                store=True,
+            )
         return self.public_key_spki(label)
 
     def public_key_spki(self, label: str) -> bytes:
