@@ -75,19 +75,13 @@ class _SeenPieces:
         return sum(len(bitmap) for bitmap in self._by_device.values())
 
 
-class MemoryReplayStore:
-    """In memory only: for tests and one-shot checks."""
+class _Store:
+    """What both stores share: a piece count and closing as a context manager."""
 
-    def __init__(self) -> None:
-        self._seen = _SeenPieces()
-
-    def check_and_set(self, pieces: Sequence[Piece]) -> list[bool]:
-        seen, new = self._seen.lookup(pieces)
-        self._seen.add(new)
-        return seen
+    _seen: _SeenPieces
 
     def close(self) -> None:
-        pass
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -101,6 +95,21 @@ class MemoryReplayStore:
         self.close()
 
 
+class MemoryReplayStore(_Store):
+    """In memory only: for tests and one-shot checks."""
+
+    def __init__(self) -> None:
+        self._seen = _SeenPieces()
+
+    def check_and_set(self, pieces: Sequence[Piece]) -> list[bool]:
+        seen, new = self._seen.lookup(pieces)
+        self._seen.add(new)
+        return seen
+
+    def close(self) -> None:
+        pass
+
+
 _MAGIC = b"PIMREPLY"
 FORMAT_VERSION = 1
 _HEADER = struct.Struct(">8sHHI")  # magic, format version, record size, reserved (0)
@@ -110,7 +119,7 @@ _HEADER_BYTES = _HEADER.pack(_MAGIC, FORMAT_VERSION, _RECORD.size, 0)
 _READ_CHUNK = _RECORD.size * 65536
 
 
-class EmbeddedReplayStore:
+class EmbeddedReplayStore(_Store):
     """One crash-safe file, held by one process at a time (flock)."""
 
     def __init__(self, path: Path, fd: int, seen: _SeenPieces, end: int) -> None:
@@ -168,17 +177,6 @@ class EmbeddedReplayStore:
             if self._fd is not None:
                 os.close(self._fd)  # also releases the flock
                 self._fd = None
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def _usable_fd(self) -> int:
         if self._fd is None:
