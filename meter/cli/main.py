@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from datetime import date
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -15,33 +11,14 @@ from typing import Any
 import click
 
 from meter.cli import postoffice_cli, workflows
+from meter.cli.common import emit, errors, home_of, parse_date
 from meter.cli.home import PIN_VARIABLES, Home
-from meter.errors import ConfigurationError, InvalidInput, MeterError
+from meter.errors import ConfigurationError, InvalidInput
 from meter.indicium import RateCategory
 from meter.psd import IssueRequest, Meter
 from meter.token import KeyAlgorithm
 
 __all__ = ["cli", "main"]
-
-
-def _emit(ctx: click.Context, data: dict[str, Any], text: Callable[[], str]) -> None:
-    if ctx.obj["json"]:
-        click.echo(json.dumps(data, sort_keys=True, default=str))
-    else:
-        click.echo(text())
-
-
-@contextmanager
-def _errors(ctx: click.Context) -> Iterator[None]:
-    """Map MeterError to a clear message and exit code 1 (JSON on stdout with --json)."""
-    try:
-        yield
-    except MeterError as exc:
-        if ctx.obj["json"]:
-            click.echo(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
-        else:
-            click.echo(f"error: {exc}", err=True)
-        ctx.exit(1)
 
 
 def parse_postage(text: str) -> int:
@@ -54,15 +31,6 @@ def parse_postage(text: str) -> int:
     if mills != mills.to_integral_value():
         raise InvalidInput(f"postage '{text}' has more precision than a mill ($0.001)")
     return int(mills)
-
-
-def parse_date(text: str | None) -> date | None:
-    if text is None:
-        return None
-    try:
-        return date.fromisoformat(text)
-    except ValueError as exc:
-        raise InvalidInput(f"date '{text}' is not YYYY-MM-DD") from exc
 
 
 @click.group()
@@ -91,10 +59,6 @@ def cli(ctx: click.Context, home: Path, profile: Path | None, as_json: bool) -> 
     ctx.obj["profile"] = profile
 
 
-def _home(ctx: click.Context) -> Home:
-    return Home.at(ctx.obj["home_path"], ctx.obj["profile"])
-
-
 @cli.command()
 @click.option("--device-serial", type=int, default=None, help="Device serial (random if omitted).")
 @click.option("--vendor-model", default="PM01", show_default=True, help="4 characters A-Z/0-9.")
@@ -118,15 +82,15 @@ def init(
     Idempotent: tokens that exist are kept. PINs come from the environment
     (METER_USER_PIN, METER_SO_PIN, PROVIDER_*, POSTAL_ROOT_*) or a prompt.
     """
-    with _errors(ctx):
+    with errors(ctx):
         options = workflows.InitOptions(
             device_serial=device_serial or workflows.new_device_serial(),
             vendor_model=vendor_model,
             authorization_id=authorization_id,
             algorithm=KeyAlgorithm(algorithm) if algorithm else None,
         )
-        result = workflows.init_home(_home(ctx), options)
-        _emit(ctx, result, lambda: _status_text(result["meter"]))  # type: ignore[arg-type]
+        result = workflows.init_home(home_of(ctx), options)
+        emit(ctx, result, lambda: _status_text(result["meter"]))  # type: ignore[arg-type]
 
 
 @cli.command()
@@ -134,9 +98,9 @@ def init(
 @click.pass_context
 def credit(ctx: click.Context, amount: str) -> None:
     """Buy AMOUNT dollars of postage from the provider (e.g. 100.00)."""
-    with _errors(ctx):
-        result = workflows.credit(_home(ctx), parse_postage(amount))
-        _emit(
+    with errors(ctx):
+        result = workflows.credit(home_of(ctx), parse_postage(amount))
+        emit(
             ctx,
             result,
             lambda: (
@@ -206,7 +170,7 @@ def issue(
     out: Path | None,
 ) -> None:
     """Issue one indicium and write its label (PNG and PDF)."""
-    with _errors(ctx):
+    with errors(ctx):
         request = IssueRequest(
             postage=parse_postage(postage),
             rate_category=RateCategory.parse(rate),
@@ -219,7 +183,7 @@ def issue(
             specimen=specimen,
             correction_of=correction_of,
         )
-        issued = workflows.issue(_home(ctx), request, out)
+        issued = workflows.issue(home_of(ctx), request, out)
         ind = issued.indicium
         data = {
             "indicium_hex": ind.to_bytes().hex(),
@@ -227,7 +191,7 @@ def issue(
             "label_png": str(issued.png),
             "label_pdf": str(issued.pdf),
         }
-        _emit(
+        emit(
             ctx,
             data,
             lambda: (
@@ -256,10 +220,10 @@ def _status_text(status: dict[str, Any]) -> str:
 @click.pass_context
 def status(ctx: click.Context) -> None:
     """Show the meter's identity, registers, piece count and time."""
-    with _errors(ctx):
-        with _home(ctx).open_token("meter") as token:
+    with errors(ctx):
+        with home_of(ctx).open_token("meter") as token:
             result = Meter.open(token).status()
-        _emit(ctx, result, lambda: _status_text(result))
+        emit(ctx, result, lambda: _status_text(result))
 
 
 @cli.command("export-certs")
@@ -272,11 +236,11 @@ def status(ctx: click.Context) -> None:
 @click.pass_context
 def export_certs(ctx: click.Context, out: Path | None) -> None:
     """Write the postal root, provider and meter certificates as PEM files."""
-    with _errors(ctx):
-        home = _home(ctx)
+    with errors(ctx):
+        home = home_of(ctx)
         with home.open_token("meter") as token:
             paths = workflows.export_certificates(home, Meter.open(token), out)
-        _emit(ctx, paths, lambda: "\n".join(f"{k}: {v}" for k, v in paths.items()))
+        emit(ctx, paths, lambda: "\n".join(f"{k}: {v}" for k, v in paths.items()))
 
 
 def _development_pins(home: Home) -> dict[str, str]:
@@ -298,8 +262,8 @@ def _development_pins(home: Home) -> dict[str, str]:
 @click.pass_context
 def demo(ctx: click.Context) -> None:
     """Everything at once on a new home: tokens, credit, one label, and its verification."""
-    with _errors(ctx):
-        home = _home(ctx)
+    with errors(ctx):
+        home = home_of(ctx)
         generated = _development_pins(home)
         init_result = workflows.init_home(
             home, workflows.InitOptions(device_serial=workflows.new_device_serial())
@@ -339,7 +303,7 @@ def demo(ctx: click.Context) -> None:
             "home": str(home.path),
             "development_credentials": generated,
         }
-        _emit(ctx, data, lambda: _demo_text(home, data, generated))
+        emit(ctx, data, lambda: _demo_text(home, data, generated))
 
 
 def _demo_text(home: Home, data: dict[str, Any], generated: dict[str, str]) -> str:
@@ -362,7 +326,8 @@ def _demo_text(home: Home, data: dict[str, Any], generated: dict[str, str]) -> s
     return "\n".join(lines)
 
 
-postoffice_cli.register(cli, _errors, _emit, _home, parse_date)
+postoffice_cli.register(cli)
+# Further command modules register here, one line each.
 
 
 def main() -> None:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 import click
 
+from meter.cli.common import emit, errors, home_of, parse_date
 from meter.cli.home import Home
 from meter.errors import BarcodeError, ConfigurationError, InvalidInput, MeterError
 from meter.label import decode_image
@@ -76,13 +76,7 @@ def _default_certs(home: Home) -> tuple[Path, list[Path]]:
     return root, [home.certs / "provider.pem", home.certs / "meter.pem"]
 
 
-def register(
-    cli: click.Group,
-    errors: Callable[[click.Context], AbstractContextManager[None]],
-    emit: Callable[[click.Context, dict[str, Any], Callable[[], str]], None],
-    home_of: Callable[[click.Context], Home],
-    parse_date: Callable[[str | None], date | None],
-) -> None:
+def register(cli: click.Group) -> None:
     """Add the post office's commands to the ``meter`` group."""
     root_opt = click.option(
         "--root",

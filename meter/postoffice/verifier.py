@@ -39,12 +39,12 @@ class Verifier:
 
     def verify_batch(self, items: Sequence[bytes]) -> list[VerificationResult]:
         """The verdicts verify() would give in order, with one replay store call."""
-        outcomes = [self._judge(bytes(data)) for data in items]
+        outcomes = [self.judge(bytes(data)) for data in items]
         reached = [o for o in outcomes if isinstance(o, Indicium)]
-        decided = iter(self._check_replay(reached) if reached else [])
+        decided = iter(self.check_replay(reached) if reached else [])
         return [next(decided) if isinstance(o, Indicium) else o for o in outcomes]
 
-    def _check_replay(self, reached: list[Indicium]) -> list[VerificationResult]:
+    def check_replay(self, reached: list[Indicium]) -> list[VerificationResult]:
         """The DUPLICATE and VALID rows: one check-and-set for every piece that got there."""
         pieces = [(indicium.device_serial, indicium.sequence) for indicium in reached]
         try:
@@ -58,7 +58,7 @@ class Verifier:
             return [VerificationResult(Verdict.ERROR, reason, i) for i in reached]
         return [_after_replay(i, old) for i, old in zip(reached, seen, strict=True)]
 
-    def _judge(self, data: bytes) -> VerificationResult | Indicium:
+    def judge(self, data: bytes) -> VerificationResult | Indicium:
         """Every row before DUPLICATE; an Indicium back means it reached that row."""
         try:
             indicium = decode(data)
