@@ -13,6 +13,7 @@ import click
 from meter.cli import postoffice_cli, workflows
 from meter.cli.common import emit, errors, home_of, parse_date
 from meter.cli.home import PIN_VARIABLES, Home
+from meter.cli.postoffice_group import postoffice
 from meter.errors import ConfigurationError, InvalidInput
 from meter.indicium import RateCategory
 from meter.psd import IssueRequest, Meter
@@ -327,6 +328,7 @@ def _demo_text(home: Home, data: dict[str, Any], generated: dict[str, str]) -> s
 
 
 postoffice_cli.register(cli)
+cli.add_command(postoffice)
 # Further command modules register here, one line each.
 
 
