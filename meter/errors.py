@@ -31,8 +31,16 @@ class AuthenticationFailed(MeterError):
     """Wrong PIN or password: never retry automatically."""
 
 
+class LockedOut(AuthenticationFailed):
+    """Too many failed logons: wait until the time the message names, or ask an Administrator."""
+
+
 class AccessDenied(MeterError):
     """The logged-on role may not use the service."""
+
+
+class SessionActive(MeterError):
+    """Another user is logged on: one user at a time (rule 4). Log off first."""
 
 
 class DeviceLocked(MeterError):
@@ -81,11 +89,13 @@ __all__ = [
     "IndiciumError",
     "InsufficientFunds",
     "InvalidInput",
+    "LockedOut",
     "MalformedIndicium",
     "MeterError",
     "ProtocolError",
     "RegisterCorrupt",
     "ReplayStoreError",
+    "SessionActive",
     "TokenError",
     "TokenUnavailable",
 ]

@@ -136,7 +136,7 @@ def bench_verify(seconds: float, count: int = 4096) -> dict[str, Any]:
 
         def batch() -> int:
             # A new store each round so every piece is new (VALID), as at a real office.
-            store = EmbeddedReplayStore.open(Path(tmp) / f"replay-{rounds['n']}.log")
+            store = EmbeddedReplayStore.open(Path(tmp) / f"replay-{rounds['n']}")
             rounds["n"] += 1
             with store:
                 verifier = Verifier(

@@ -12,14 +12,21 @@ from meter.cli.home import PIN_VARIABLES, Home
 from meter.cli.main import cli
 from meter.indicium import decode
 from meter.label import decode_image
+from tests.conftest import ROLE_USERS
 
 VECTORS = (
     Path(__file__).parent / "vectors" / "pim1-vectors-v1.json"
 )  # a copy of the authority's file
 
 
-def run(home: Path, *args: str, ok: bool = True) -> dict[str, object]:
-    result = CliRunner().invoke(cli, ["--home", str(home), "--json", *args], obj={})
+def run(home: Path, *args: str, ok: bool = True, role: str | None = None) -> dict[str, object]:
+    """``meter --json ARGS``; with ``role``, logged on as that role's test user."""
+    user: list[str] = []
+    env = {}
+    if role is not None:
+        user_id, password = ROLE_USERS[role]
+        user, env = ["--user", user_id], {"METER_PASSWORD": password}
+    result = CliRunner().invoke(cli, ["--home", str(home), "--json", *user, *args], obj={}, env=env)
     assert (result.exit_code == 0) is ok, result.output
     return json.loads(result.output.splitlines()[-1]) if result.output else {}
 
@@ -38,12 +45,20 @@ def test_demo_prints_label_indicium_verdict_and_certificates(
     certs = out["certificates"]
     assert isinstance(certs, dict) and {"postal_root", "provider", "meter"} <= set(certs)
     creds = out["development_credentials"]
-    assert isinstance(creds, dict) and set(creds) == {v for p in PIN_VARIABLES.values() for v in p}
+    assert isinstance(creds, dict)
+    pins = {v for party, pair in PIN_VARIABLES.items() if party != "meter" for v in pair}
+    assert {k for k in creds if k.isupper()} == pins | {"METER_ADMIN_PASSWORD", "METER_SO_PASSWORD"}
+    # Nobody is shown the meter token's PINs: they are sealed in the users' slots.
+    assert not {"METER_USER_PIN", "METER_SO_PIN"} & set(creds)
     # The printed credentials let the user go on issuing from the demo meter.
-    for var, pin in creds.items():
-        monkeypatch.setenv(var, pin)
+    for var, value in creds.items():
+        if var.isupper():
+            monkeypatch.setenv(var, value)
+    monkeypatch.setenv("METER_PASSWORD", str(creds["password of customer"]))
     issued = run(
         tmp_path / "demo",
+        "--user",
+        "customer",
         "issue",
         "--postage",
         "1.20",
@@ -59,14 +74,14 @@ def test_demo_prints_label_indicium_verdict_and_certificates(
     assert decode(bytes.fromhex(str(issued["indicium_hex"]))).sequence == 2
     # Re-running the demo without the PINs is refused clearly; the home is untouched.
     for var in creds:
-        monkeypatch.delenv(var)
+        monkeypatch.delenv(var, raising=False)
     result = CliRunner().invoke(cli, ["--home", str(tmp_path / "demo"), "demo"], obj={})
     assert result.exit_code == 1 and "export the development credentials" in result.output
 
 
-def test_issue_verify_and_duplicate(provisioned: Home) -> None:
-    h = provisioned.path
-    run(h, "credit", "20.00")
+def test_issue_verify_and_duplicate(device_home: Home) -> None:
+    h = device_home.path
+    run(h, "credit", "20.00", role="provider")
     issued = run(
         h,
         "issue",
@@ -82,13 +97,30 @@ def test_issue_verify_and_duplicate(provisioned: Home) -> None:
         "23",
         "--to",
         "Jane|1 Main St",
+        role="customer",
     )
     first = run(h, "verify", "--image", str(issued["label_png"]))
     assert first["verdict"] == "VALID"
     again = run(h, "verify", str(issued["indicium_hex"]), ok=False)
     assert again["verdict"] == "DUPLICATE"
-    status = run(h, "status")
-    assert (status["piece_count"], status["ascending"], status["descending"]) == (1, 730, 19_270)
+    status = run(h, "psd-status", role="customer")
+    assert (status["piece_count"], status["ascending"], status["descending"]) == (1, 730, 119_270)
+    # Issuing is the Customer's service only.
+    denied = run(
+        h,
+        "issue",
+        "--postage",
+        "0.73",
+        "--from-zip",
+        "94043",
+        "--to-zip",
+        "62704",
+        "--to",
+        "X",
+        role="provider",
+        ok=False,
+    )
+    assert denied["error"] == "AccessDenied" and "Provider" in str(denied["message"])
 
 
 @pytest.mark.parametrize(
@@ -103,14 +135,13 @@ def test_issue_verify_and_duplicate(provisioned: Home) -> None:
     ],
 )
 def test_issue_errors_are_clear_and_change_nothing(
-    provisioned: Home, args: list[str], message: str
+    device_home: Home, args: list[str], message: str
 ) -> None:
-    h = provisioned.path
-    run(h, "credit", "5.00")
+    h = device_home.path
     base = ["issue", "--from-zip", "94043", "--to-zip", "62704", "--to", "X"]
-    err = run(h, *base, *args, ok=False)
+    err = run(h, *base, *args, ok=False, role="customer")
     assert message in str(err["message"])
-    assert run(h, "status")["piece_count"] == 0
+    assert run(h, "psd-status", role="customer")["piece_count"] == 0
 
 
 def test_verify_batch_gives_every_vector_its_verdict(softhsm: None, tmp_path: Path) -> None:
@@ -154,12 +185,21 @@ def test_verify_batch_gives_every_vector_its_verdict(softhsm: None, tmp_path: Pa
 
 
 def test_verify_batch_reads_label_images_and_reports_unreadable_ones(
-    provisioned: Home, tmp_path: Path
+    device_home: Home, tmp_path: Path
 ) -> None:
-    h = provisioned.path
-    run(h, "credit", "5.00")
+    h = device_home.path
     issued = run(
-        h, "issue", "--postage", "0.50", "--from-zip", "94043", "--to-zip", "62704", "--to", "X"
+        h,
+        "issue",
+        "--postage",
+        "0.50",
+        "--from-zip",
+        "94043",
+        "--to-zip",
+        "62704",
+        "--to",
+        "X",
+        role="customer",
     )
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not an image")

@@ -10,13 +10,14 @@ from typing import Any
 
 import click
 
-from meter.cli import postoffice_cli, workflows
+from meter.cli import device_cli, postoffice_cli, provider_cli, workflows
 from meter.cli.common import emit, errors, home_of, parse_date
+from meter.cli.device_session import device
 from meter.cli.home import PIN_VARIABLES, Home
 from meter.cli.postoffice_group import postoffice
 from meter.errors import ConfigurationError, InvalidInput
 from meter.indicium import RateCategory
-from meter.psd import IssueRequest, Meter
+from meter.psd import IssueRequest
 from meter.token import KeyAlgorithm
 
 __all__ = ["cli", "main"]
@@ -51,10 +52,19 @@ def parse_postage(text: str) -> int:
     help="HSM profile file (default: hsm_profiles/softhsm2.toml).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option(
+    "--user",
+    envvar="METER_USER",
+    default=None,
+    help="Log on to the device as this user (or METER_USER); password from METER_PASSWORD or a prompt.",
+)
 @click.pass_context
-def cli(ctx: click.Context, home: Path, profile: Path | None, as_json: bool) -> None:
+def cli(
+    ctx: click.Context, home: Path, profile: Path | None, as_json: bool, user: str | None
+) -> None:
     """Electronic postage: a PKCS#11 postage meter, its provider and the post office."""
     ctx.ensure_object(dict)
+    ctx.obj["user"] = user
     ctx.obj["json"] = as_json
     ctx.obj["home_path"] = home
     ctx.obj["profile"] = profile
@@ -91,24 +101,7 @@ def init(
             algorithm=KeyAlgorithm(algorithm) if algorithm else None,
         )
         result = workflows.init_home(home_of(ctx), options)
-        emit(ctx, result, lambda: _status_text(result["meter"]))  # type: ignore[arg-type]
-
-
-@cli.command()
-@click.argument("amount")
-@click.pass_context
-def credit(ctx: click.Context, amount: str) -> None:
-    """Buy AMOUNT dollars of postage from the provider (e.g. 100.00)."""
-    with errors(ctx):
-        result = workflows.credit(home_of(ctx), parse_postage(amount))
-        emit(
-            ctx,
-            result,
-            lambda: (
-                f"credited {workflows.format_mills(int(result['amount']))}; descending register "
-                f"{workflows.format_mills(int(result['descending']))} (transaction {result['transaction_id']})"
-            ),
-        )
+        emit(ctx, result, lambda: _init_text(result))
 
 
 @cli.command()
@@ -170,7 +163,11 @@ def issue(
     correction_of: int | None,
     out: Path | None,
 ) -> None:
-    """Issue one indicium and write its label (PNG and PDF)."""
+    """Create Indicium (Customer): one indicium and its label (PNG and PDF).
+
+    With --correction-of, Create Correction Indicium: additional postage for a
+    piece this meter stamped already.
+    """
     with errors(ctx):
         request = IssueRequest(
             postage=parse_postage(postage),
@@ -184,7 +181,9 @@ def issue(
             specimen=specimen,
             correction_of=correction_of,
         )
-        issued = workflows.issue(home_of(ctx), request, out)
+        home = home_of(ctx)
+        with device(ctx, home) as psd:
+            issued = workflows.issue_on(psd, home, request, out)
         ind = issued.indicium
         data = {
             "indicium_hex": ind.to_bytes().hex(),
@@ -203,28 +202,15 @@ def issue(
         )
 
 
-def _status_text(status: dict[str, Any]) -> str:
-    return "\n".join(
-        [
-            f"device {status['device_serial']} ({status['vendor_model']}), authorization id "
-            f"{status['authorization_id']}, {status['algorithm']}, key id {status['key_id']}",
-            f"certified: {'yes' if status['certified'] else 'no'}",
-            f"ascending {workflows.format_mills(status['ascending'])}  descending "
-            f"{workflows.format_mills(status['descending'])}  control total "
-            f"{workflows.format_mills(status['control_total'])}  pieces {status['piece_count']}",
-            f"meter time {status['time']}",
-        ]
-    )
-
-
-@cli.command()
-@click.pass_context
-def status(ctx: click.Context) -> None:
-    """Show the meter's identity, registers, piece count and time."""
-    with errors(ctx):
-        with home_of(ctx).open_token("meter") as token:
-            result = Meter.open(token).status()
-        emit(ctx, result, lambda: _status_text(result))
+def _init_text(result: dict[str, Any]) -> str:
+    meter = result["meter"]
+    lines = [
+        f"device {meter['device_serial']} ({meter['vendor_model']}), authorization id "
+        f"{meter['authorization_id']}, {meter['algorithm']}, key id {meter['key_id']}",
+        f"certified: {'yes' if meter['certified'] else 'no'}",
+    ]
+    lines += [f"created user {u['user_id']} ({u['role']})" for u in result.get("users", [])]
+    return "\n".join(lines)
 
 
 @cli.command("export-certs")
@@ -239,14 +225,20 @@ def export_certs(ctx: click.Context, out: Path | None) -> None:
     """Write the postal root, provider and meter certificates as PEM files."""
     with errors(ctx):
         home = home_of(ctx)
-        with home.open_token("meter") as token:
-            paths = workflows.export_certificates(home, Meter.open(token), out)
+        with home.open_device_token() as token:
+            paths = workflows.export_device_certificates(home, token, out)
         emit(ctx, paths, lambda: "\n".join(f"{k}: {v}" for k, v in paths.items()))
 
 
-def _development_pins(home: Home) -> dict[str, str]:
-    """Generate any PIN not set in the environment, for a brand-new home only."""
-    missing = [v for pair in PIN_VARIABLES.values() for v in pair if not os.environ.get(v)]
+def _development_credentials(home: Home) -> dict[str, str]:
+    """For a brand-new home only: the provider's and postal root's PINs and the first users'
+    passwords, where the environment sets none. The meter's PINs are never among them:
+    they are random and sealed into the users' slots."""
+    variables = [v for party, pair in PIN_VARIABLES.items() if party != "meter" for v in pair] + [
+        "METER_ADMIN_PASSWORD",
+        "METER_SO_PASSWORD",
+    ]
+    missing = [v for v in variables if not os.environ.get(v)]
     if not missing:
         return {}
     if (home.path / "tokens").exists() and any((home.path / "tokens").iterdir()):
@@ -254,7 +246,12 @@ def _development_pins(home: Home) -> dict[str, str]:
             f"{home.path} holds tokens already, but {', '.join(missing)} is not set: export the "
             "development credentials printed by the first demo run, or use a new --home"
         )
-    generated = {v: secrets.token_urlsafe(12) for v in missing}
+    generated = {
+        v: workflows.development_password("admin" if "ADMIN" in v else "security")
+        if v.endswith("PASSWORD")
+        else secrets.token_urlsafe(12)
+        for v in missing
+    }
     os.environ.update(generated)
     return generated
 
@@ -262,29 +259,35 @@ def _development_pins(home: Home) -> dict[str, str]:
 @cli.command()
 @click.pass_context
 def demo(ctx: click.Context) -> None:
-    """Everything at once on a new home: tokens, credit, one label, and its verification."""
+    """Everything at once on a new home: tokens, users, credit, one label, its verification."""
     with errors(ctx):
         home = home_of(ctx)
-        generated = _development_pins(home)
-        init_result = workflows.init_home(
-            home, workflows.InitOptions(device_serial=workflows.new_device_serial())
-        )
-        status_before = init_result["meter"]
-        assert isinstance(status_before, dict)
-        if int(status_before["descending"]) < 10_000:
-            workflows.credit(home, 100_000)
-        issued = workflows.issue(
-            home,
-            IssueRequest(
-                postage=730,
-                rate_category=RateCategory.FIRST_CLASS_LETTER,
-                origin_zip="94043",
-                destination_zip="62704",
-                destination_plus4="1234",
-                delivery_point="23",
-                address=["Jane Q. Public", "1234 Main St.", "Springfield, IL 62704"],
-            ),
-        )
+        generated = _development_credentials(home)
+        options = workflows.InitOptions(device_serial=workflows.new_device_serial())
+        init_result = workflows.init_home(home, options)
+        passwords = {
+            options.admin_user: os.environ["METER_ADMIN_PASSWORD"],
+            options.so_user: os.environ["METER_SO_PASSWORD"],
+        }
+        if init_result["users"]:  # a new device: one user per role, credit
+            passwords |= {u: workflows.development_password(u) for u, _ in workflows.DEMO_USERS}
+            workflows.setup_demo_device(home, passwords, options, 100_000)
+            generated |= {f"password of {u}": pw for u, pw in passwords.items()}
+        customer_password = passwords.get("customer") or os.environ.get("METER_PASSWORD", "")
+        with workflows.logged_on(home, "customer", customer_password) as psd:
+            issued = workflows.issue_on(
+                psd,
+                home,
+                IssueRequest(
+                    postage=730,
+                    rate_category=RateCategory.FIRST_CLASS_LETTER,
+                    origin_zip="94043",
+                    destination_zip="62704",
+                    destination_plus4="1234",
+                    delivery_point="23",
+                    address=["Jane Q. Public", "1234 Main St.", "Springfield, IL 62704"],
+                ),
+            )
         certificates = init_result["certificates"]
         assert isinstance(certificates, dict)
         result = postoffice_cli.verify_label_image(
@@ -320,16 +323,29 @@ def _demo_text(home: Home, data: dict[str, Any], generated: dict[str, str]) -> s
             "",
             "DEVELOPMENT CREDENTIALS - generated for this demo home only; shown once, never stored.",
             "Do not use them for a real meter. To go on with this home:",
-            *(f"  export {k}={v}" for k, v in sorted(generated.items())),
-            f"  meter --home {home.path} issue --postage 0.73 --from-zip 94043 --to-zip 10001 "
+            *(
+                f"  export {k}={v}" if k.isupper() else f"  {k}: {v}"
+                for k, v in sorted(generated.items())
+            ),
+            f"  METER_PASSWORD=<password of customer> meter --home {home.path} --user customer "
+            "issue --postage 0.73 --from-zip 94043 --to-zip 10001 "
             "--to 'ACME Corp|PO Box 42|New York NY 10001'",
         ]
     return "\n".join(lines)
 
 
 postoffice_cli.register(cli)
+device_cli.register(cli)
 cli.add_command(postoffice)
 # Further command modules register here, one line each.
+from meter.cli import audit_cli  # noqa: E402
+
+cli.add_command(audit_cli.audit)
+device_cli.add_audit_commands(audit_cli.audit)
+from meter.cli import serve_cli  # noqa: E402, F401
+
+cli.add_command(provider_cli.provider)
+from meter.cli import reconcile_cli  # noqa: E402, F401
 
 
 def main() -> None:

@@ -1,20 +1,33 @@
 """The post office: verdicts on indicia, replay stores, batch verification."""
 
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
-from meter.postoffice.replay import EmbeddedReplayStore, MemoryReplayStore, ReplayStore
+from meter.postoffice.replay import EmbeddedReplayStore, MemoryReplayStore, Piece, ReplayStore
+from meter.postoffice.replay_redis import RedisReplayStore
 from meter.postoffice.verdict import Verdict, VerificationResult
 from meter.postoffice.verifier import Verifier
 
 __all__ = [
     "EmbeddedReplayStore",
     "MemoryReplayStore",
+    "Piece",
+    "RedisReplayStore",
     "ReplayStore",
     "Verdict",
     "VerificationResult",
     "Verifier",
+    "open_replay_store",
     "verify_hex_lines",
 ]
+
+
+def open_replay_store(location: str | Path) -> ReplayStore:
+    """A redis:// (or rediss://, unix://) URL opens Redis or Redis Cluster; anything else is
+    the folder of an embedded store."""
+    if isinstance(location, str) and location.startswith(("redis://", "rediss://", "unix://")):
+        return RedisReplayStore.from_url(location)
+    return EmbeddedReplayStore.open(Path(location))
 
 
 def verify_hex_lines(

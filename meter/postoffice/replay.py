@@ -1,13 +1,43 @@
 """Replay stores: has this (device serial, piece sequence) been accepted before?
 
-The embedded store is one append-only file, big-endian throughout: a 16-byte
-header (magic "PIMREPLY", format version u16, record size u16, reserved u32
-zero), then 16-byte records (device serial u64, piece sequence u32, CRC-32
-of those 12 bytes u32). In memory, one 32-bit bitmap per device. Each batch is written and fsync'ed before check_and_set
-returns, so an acknowledged piece survives any crash; a crash mid-write can
-leave only a partial last record, which belongs to a batch that was never
-acknowledged and is dropped on open. Anything else that does not check out
-is corruption: the store refuses to open and leaves the file as it is.
+Model. One compressed bitmap of sequences per device (pyroaring). Expiry
+works per chunk of 2**16 consecutive sequences (one roaring container): each
+chunk remembers the latest date of mailing of any batch that added to it, and
+expire(today) drops the chunks whose latest date is more than 183 days before
+today. A piece is therefore never forgotten while it could still verify (the
+spec makes it EXPIRED once its date of mailing is more than 183 days before
+the verifier's date), and the check for a piece is one bitmap lookup: a
+sequence lives in exactly one chunk, whatever its date of mailing.
+
+Embedded store: a folder, held by one process at a time (flock on ``lock``):
+
+- ``snapshot.pimr``: a 36-byte header (magic "PIMSNAP2", format version u16,
+  chunk bits u16, generation u64, payload length u64, payload CRC-32, header
+  CRC-32; little-endian), then per device its serial u64, chunk count u32,
+  bitmap length u32, the chunks (u16 each), their latest dates of mailing
+  (proleptic ordinals, u32 each) and the portable roaring serialization.
+  Written whole to a temporary file, fsync'ed, renamed, directory fsync'ed.
+- ``journal.pimj``: a 24-byte header (magic "PIMJRNL2", version, chunk bits,
+  generation u64, header CRC-32), then one record per check_and_set that
+  added pieces: a 20-byte header (magic "PIMB", payload length u32, latest
+  date of mailing of the batch u32, payload CRC-32, header CRC-32) and the
+  new pieces as (serial u64, bitmap length u32, roaring bitmap) entries.
+
+check_and_set appends its batch and fdatasyncs before it returns: a piece
+reported new is durable, and a SIGKILL at any moment cannot let it be accepted
+again. When the journal outgrows the snapshot (and at least 8 MiB), and after
+expire(), the store compacts: a new snapshot with generation g+1, then a new
+empty journal with generation g+1. On open, a journal older than the snapshot
+is already inside it and is replaced; a newer one is corruption.
+
+What a crash can leave after the last acknowledged batch, and open drops by
+truncating the journal: a batch cut short (SIGKILL in the middle of the
+write), or, after a power loss, a last batch garbled in place or a tail of
+zeros (the file size reached the disk, the data did not). Such bytes were
+never acknowledged. Anything else that does not check out (bad magic or
+checksum, a truncated snapshot, a bad batch followed by more data, a missing
+snapshot or journal) raises ReplayStoreError naming the file and the offset,
+and the files are left as they are.
 """
 
 from __future__ import annotations
@@ -15,19 +45,32 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import struct
 import threading
-import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import date
+from operator import itemgetter
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol, Self
+from typing import NamedTuple, Protocol, Self, TypeVar
 
 from pyroaring import BitMap
 
 from meter.errors import InvalidInput, ReplayStoreError
+from meter.postoffice import replay_format as fmt
+from meter.postoffice.replay_format import CHUNK_BITS, DeviceState, FormatError
 
-Piece = tuple[int, int]  # (device serial, piece sequence)
+FORGET_AFTER_DAYS = 183  # spec, Verdicts: EXPIRED once V - D > 183 days
+MAX_SERIAL = 2**64
+MAX_SEQUENCE = 2**32
+
+
+class Piece(NamedTuple):
+    """What the replay check looks at in an indicium."""
+
+    device_serial: int  # 0 <= x < 2**64
+    sequence: int  # 0 <= x < 2**32
+    mailed: date  # the date of mailing
 
 
 class ReplayStore(Protocol):
@@ -35,48 +78,185 @@ class ReplayStore(Protocol):
 
     def check_and_set(self, pieces: Sequence[Piece]) -> list[bool]:
         """For each piece in order, True if seen before (earlier in this batch
-        included); every piece is recorded durably before this returns."""
+        included); every new piece is recorded durably before this returns."""
+        ...
+
+    def expire(self, today: date) -> int:
+        """Forget pieces mailed more than 183 days before today; how many (0 if unknowable)."""
         ...
 
     def close(self) -> None: ...
 
 
+def validate_pieces(pieces: Sequence[Piece]) -> date:
+    """InvalidInput naming the first bad piece; the latest date of mailing if all are good.
+
+    The slow, exact check: stores run it when their fast checks find something odd.
+    """
+    latest: date | None = None
+    for index, piece in enumerate(pieces):
+        problem = _piece_problem(piece)
+        if problem is not None:
+            raise InvalidInput(
+                f"piece {index} ({piece!r}): {problem}; no piece of the batch was recorded"
+            )
+        mailed = piece[2]
+        if latest is None or mailed > latest:
+            latest = mailed
+    if latest is None:
+        raise InvalidInput("an empty batch has no date of mailing")
+    return latest
+
+
+def latest_mailing(pieces: Sequence[Piece]) -> date:
+    """The latest date of mailing of a non-empty batch (InvalidInput if one is not a date)."""
+    try:
+        dates = set(map(_MAILED, pieces))
+        latest: date = max(dates)
+    except (TypeError, ValueError, IndexError, KeyError):
+        return validate_pieces(pieces)
+    if not all(isinstance(d, date) for d in dates):
+        return validate_pieces(pieces)
+    return latest
+
+
+def _piece_problem(piece: object) -> str | None:
+    if not isinstance(piece, tuple) or len(piece) != 3:
+        return "not a (device serial, sequence, date of mailing) piece"
+    serial, sequence, mailed = piece
+    if not isinstance(serial, int) or not 0 <= serial < MAX_SERIAL:
+        return "device serial must be an integer 0 <= serial < 2**64"
+    if not isinstance(sequence, int) or not 0 <= sequence < MAX_SEQUENCE:
+        return "piece sequence must be an integer 0 <= sequence < 2**32"
+    if not isinstance(mailed, date):
+        return "date of mailing must be a date"
+    return None
+
+
+_T = TypeVar("_T")
+_MAILED = itemgetter(2)
+_INT = {int}
+_CHUNK = 1 << CHUNK_BITS
+
+
+@dataclass
+class _Batch:
+    """What check_and_set decided before anything is recorded."""
+
+    seen: list[bool]
+    additions: list[tuple[int, BitMap]]  # (serial, its new sequences)
+    stamp: int  # ordinal of the latest date of mailing in the batch
+
+
 class _SeenPieces:
-    """One 32-bit bitmap of sequences per device serial."""
+    """The pieces of every device, and per chunk of sequences the latest date of mailing."""
 
-    def __init__(self) -> None:
-        self._by_device: dict[int, BitMap] = {}
+    def __init__(self, devices: dict[int, DeviceState] | None = None) -> None:
+        self.devices: dict[int, DeviceState] = devices if devices is not None else {}
 
-    def lookup(self, pieces: Sequence[Piece]) -> tuple[list[bool], list[Piece]]:
-        """Flags as check_and_set returns them, and the pieces new to the store."""
-        seen: list[bool] = []
-        new: list[Piece] = []
-        fresh: set[Piece] = set()
-        for piece in pieces:
-            serial, sequence = piece
-            if not (0 <= serial < 2**64 and 0 <= sequence < 2**32):
-                raise InvalidInput(f"piece {piece!r} is not (8-byte serial, 4-byte sequence)")
-            bitmap = self._by_device.get(serial)
-            old = (bitmap is not None and sequence in bitmap) or piece in fresh
-            seen.append(old)
-            if not old:
-                fresh.add(piece)
-                new.append(piece)
-        return seen, new
+    def plan(self, pieces: Sequence[Piece]) -> _Batch:
+        """Flags and additions for a batch, checking it whole first; changes nothing.
 
-    def add(self, pieces: Sequence[Piece]) -> None:
-        for serial, sequence in pieces:
-            bitmap = self._by_device.get(serial)
-            if bitmap is None:
-                bitmap = self._by_device[serial] = BitMap()
-            bitmap.add(sequence)
+        Per-piece work is one pass that groups sequences by device; the rest is
+        per device in C: a bitmap of the batch's sequences, one intersection
+        with what is stored. Only devices with a hit are walked piece by piece.
+        """
+        groups: dict[int, list[int]] = {}
+        try:
+            for serial, sequence, _ in pieces:
+                group = groups.get(serial)
+                if group is None:
+                    groups[serial] = [sequence]
+                else:
+                    group.append(sequence)
+        except (TypeError, ValueError):
+            validate_pieces(pieces)
+            raise  # validate_pieces found nothing wrong: a bug, not bad input
+        stamp = latest_mailing(pieces).toordinal()
+        additions: list[tuple[int, BitMap]] = []
+        hits: list[int] = []
+        for serial, sequences in groups.items():
+            if type(serial) is not int or not 0 <= serial < MAX_SERIAL:
+                validate_pieces(pieces)
+            if not set(map(type, sequences)) <= _INT:
+                validate_pieces(pieces)
+            try:
+                new = BitMap(sequences)
+            except OverflowError:
+                validate_pieces(pieces)
+                raise
+            device = self.devices.get(serial)
+            if len(new) != len(sequences) or (device is not None and device.bitmap.intersect(new)):
+                hits.append(serial)
+            else:
+                new.run_optimize()
+                additions.append((serial, new))
+        seen = [False] * len(pieces)
+        if hits:
+            self._walk(pieces, hits, seen, additions)
+        return _Batch(seen, additions, stamp)
+
+    def _walk(
+        self,
+        pieces: Sequence[Piece],
+        hits: list[int],
+        seen: list[bool],
+        additions: list[tuple[int, BitMap]],
+    ) -> None:
+        """Piece by piece, in order, for the devices whose batch meets what is stored."""
+        fresh = {serial: BitMap() for serial in hits}
+        for index, (serial, sequence, _) in enumerate(pieces):
+            new = fresh.get(serial)
+            if new is None:
+                continue
+            device = self.devices.get(serial)
+            if sequence in new or (device is not None and sequence in device.bitmap):
+                seen[index] = True
+            else:
+                new.add(sequence)
+        additions.extend((serial, new) for serial, new in fresh.items() if new)
+
+    def apply(self, additions: list[tuple[int, BitMap]], stamp: int) -> None:
+        for serial, new in additions:
+            device = self.devices.get(serial)
+            if device is None:
+                device = self.devices[serial] = DeviceState(BitMap(), {})
+            device.bitmap |= new
+            latest = device.latest
+            for chunk in _chunks(new):
+                if latest.get(chunk, -1) < stamp:
+                    latest[chunk] = stamp
+
+    def expire(self, today: date) -> int:
+        """Drop the chunks last added to by pieces mailed before the window; how many pieces."""
+        cutoff = today.toordinal() - FORGET_AFTER_DAYS
+        dropped = 0
+        for serial, device in list(self.devices.items()):
+            for chunk in [c for c, mailed in device.latest.items() if mailed < cutoff]:
+                start = chunk << CHUNK_BITS
+                dropped += device.bitmap.range_cardinality(start, start + _CHUNK)
+                device.bitmap.remove_range(start, start + _CHUNK)
+                del device.latest[chunk]
+            if not device.latest:
+                del self.devices[serial]
+        return dropped
 
     def __len__(self) -> int:
-        return sum(len(bitmap) for bitmap in self._by_device.values())
+        return sum(len(device.bitmap) for device in self.devices.values())
+
+
+def _chunks(bitmap: BitMap) -> list[int]:
+    """The chunks of sequences a non-empty bitmap touches."""
+    chunk, last = bitmap.min() >> CHUNK_BITS, bitmap.max() >> CHUNK_BITS
+    chunks = [chunk]
+    while chunk < last:
+        chunk = bitmap.next_set_bit((chunk + 1) << CHUNK_BITS) >> CHUNK_BITS
+        chunks.append(chunk)
+    return chunks
 
 
 class _Store:
-    """What both stores share: a piece count and closing as a context manager."""
+    """What both local stores share: a piece count, expiry and closing as a context manager."""
 
     _seen: _SeenPieces
 
@@ -102,104 +282,242 @@ class MemoryReplayStore(_Store):
         self._seen = _SeenPieces()
 
     def check_and_set(self, pieces: Sequence[Piece]) -> list[bool]:
-        seen, new = self._seen.lookup(pieces)
-        self._seen.add(new)
-        return seen
+        if not pieces:
+            return []
+        batch = self._seen.plan(pieces)
+        self._seen.apply(batch.additions, batch.stamp)
+        return batch.seen
+
+    def expire(self, today: date) -> int:
+        return self._seen.expire(today)
 
     def close(self) -> None:
         pass
 
 
-_MAGIC = b"PIMREPLY"
-FORMAT_VERSION = 1
-_HEADER = struct.Struct(">8sHHI")  # magic, format version, record size, reserved (0)
-_KEY = struct.Struct(">QI")  # device serial, piece sequence
-_RECORD = struct.Struct(">QII")  # ... and CRC-32 of the 12 bytes before it
-_HEADER_BYTES = _HEADER.pack(_MAGIC, FORMAT_VERSION, _RECORD.size, 0)
-_READ_CHUNK = _RECORD.size * 65536
+SNAPSHOT_NAME = "snapshot.pimr"
+JOURNAL_NAME = "journal.pimj"
+LOCK_NAME = "lock"
+_COMPACT_AT = 8 << 20  # journal bytes before a compaction (or the snapshot's size, if larger)
 
 
 class EmbeddedReplayStore(_Store):
-    """One crash-safe file, held by one process at a time (flock)."""
+    """A crash-safe folder of snapshot and journal, held by one process at a time."""
 
-    def __init__(self, path: Path, fd: int, seen: _SeenPieces, end: int) -> None:
-        """Use open(): it locks, checks and loads the file."""
-        self._path = path
-        self._fd: int | None = fd
+    def __init__(
+        self, folder: Path, lock_fd: int, journal_fd: int, seen: _SeenPieces, generation: int
+    ) -> None:
+        """Use open(): it locks, checks and loads the folder."""
+        self._folder = folder
+        self._lock_fd: int | None = lock_fd
+        self._journal_fd = journal_fd
         self._seen = seen
-        self._end = end  # file size after the last acknowledged batch
+        self._generation = generation
+        self._end = os.fstat(journal_fd).st_size  # journal size after the last acknowledged batch
+        self._snapshot_size = _size(folder / SNAPSHOT_NAME)
         self._failure: str | None = None
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: Path) -> EmbeddedReplayStore:
-        """Open or create the store file; ReplayStoreError if locked or corrupt."""
-        path = Path(path)
+    def open(cls, path: Path | str) -> EmbeddedReplayStore:
+        """Open or create the store folder; ReplayStoreError if locked, corrupt or unusable."""
+        folder = Path(path)
+        _make_folder(folder)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            lock_fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise ReplayStoreError(f"replay store {path}: cannot open: {exc.strerror}") from exc
+            raise ReplayStoreError(f"replay store {folder}: cannot open: {exc.strerror}") from exc
         try:
-            _lock(path, fd)
-            seen, end = _load(path, fd)
+            _lock(folder, lock_fd)
+            for stale in folder.glob("*.tmp"):  # a compaction a crash cut short
+                stale.unlink()
+            seen, generation, journal_fd = _load(folder)
         except BaseException:
-            os.close(fd)
+            os.close(lock_fd)
             raise
-        return cls(path, fd, seen, end)
+        return cls(folder, lock_fd, journal_fd, seen, generation)
 
     @property
     def path(self) -> Path:
-        return self._path
+        return self._folder
 
     def check_and_set(self, pieces: Sequence[Piece]) -> list[bool]:
+        if not pieces:
+            with self._lock:
+                self._usable()
+            return []
         with self._lock:
-            fd = self._usable_fd()
-            seen, new = self._seen.lookup(pieces)
-            if new:
-                records = b"".join(_record(serial, sequence) for serial, sequence in new)
+            self._usable()
+            batch = self._seen.plan(pieces)
+            if batch.additions:
+                record = fmt.encode_batch(batch.additions, batch.stamp)
                 try:
-                    _write_all(fd, records, self._end)
-                    os.fdatasync(fd)
+                    _write_all(self._journal_fd, record, self._end)
+                    os.fdatasync(self._journal_fd)
                 except OSError as exc:
                     # After a failed write or fsync the kernel may have dropped
-                    # pages: trust nothing until the file is opened anew. The
+                    # pages: trust nothing until the store is opened anew. The
                     # batch was not acknowledged, so take back what it wrote.
-                    self._failure = f"write at offset {self._end} failed: {exc.strerror}"
+                    self._failure = f"journal write at offset {self._end} failed: {exc.strerror}"
                     with contextlib.suppress(OSError):
-                        os.ftruncate(fd, self._end)
-                    raise ReplayStoreError(f"replay store {self._path}: {self._failure}") from exc
-                self._end += len(records)
-                self._seen.add(new)
-            return seen
+                        os.ftruncate(self._journal_fd, self._end)
+                    raise ReplayStoreError(f"replay store {self._folder}: {self._failure}") from exc
+                self._end += len(record)
+                self._seen.apply(batch.additions, batch.stamp)
+                if self._end > max(_COMPACT_AT, self._snapshot_size):
+                    # The batch is durable whatever happens here; a failed
+                    # compaction stops the store until it is reopened.
+                    with contextlib.suppress(ReplayStoreError):
+                        self._compact()
+            return batch.seen
+
+    def expire(self, today: date) -> int:
+        """Forget what expired, and compact so the files forget it too."""
+        with self._lock:
+            self._usable()
+            dropped = self._seen.expire(today)
+            if dropped:
+                self._compact()
+            return dropped
+
+    def compact(self) -> None:
+        """Write a new snapshot of everything and start an empty journal."""
+        with self._lock:
+            self._usable()
+            self._compact()
 
     def close(self) -> None:
         with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)  # also releases the flock
-                self._fd = None
+            if self._lock_fd is not None:
+                os.close(self._journal_fd)
+                os.close(self._lock_fd)  # also releases the flock
+                self._lock_fd = None
 
-    def _usable_fd(self) -> int:
-        if self._fd is None:
-            raise ReplayStoreError(f"replay store {self._path} is closed")
+    def _compact(self) -> None:
+        generation = self._generation + 1
+        snapshot = fmt.encode_snapshot(self._seen.devices, generation)
+        try:
+            _replace(self._folder, SNAPSHOT_NAME, snapshot)
+            _replace(self._folder, JOURNAL_NAME, fmt.journal_header(generation))
+            journal_fd = _open_journal(self._folder)
+        except OSError as exc:
+            self._failure = f"compaction to generation {generation} failed: {exc.strerror}"
+            raise ReplayStoreError(f"replay store {self._folder}: {self._failure}") from exc
+        os.close(self._journal_fd)
+        self._journal_fd = journal_fd
+        self._generation = generation
+        self._end = fmt.JOURNAL_HEADER_SIZE
+        self._snapshot_size = len(snapshot)
+
+    def _usable(self) -> None:
+        if self._lock_fd is None:
+            raise ReplayStoreError(f"replay store {self._folder} is closed")
         if self._failure is not None:
             raise ReplayStoreError(
-                f"replay store {self._path}: {self._failure}; reopen it before use"
+                f"replay store {self._folder}: {self._failure}; reopen it before use"
             )
-        return self._fd
 
 
-def _lock(path: Path, fd: int) -> None:
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir()
+    except FileExistsError:
+        if not folder.is_dir():
+            raise ReplayStoreError(
+                f"replay store {folder} is not a folder (an embedded replay store is a folder "
+                "holding snapshot.pimr and journal.pimj); give the path of a folder"
+            ) from None
+        return
+    except OSError as exc:
+        raise ReplayStoreError(f"replay store {folder}: cannot open: {exc.strerror}") from exc
+    _sync_folder(folder.parent)
+
+
+def _lock(folder: Path, fd: int) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise ReplayStoreError(f"replay store {path} is in use by another process") from None
+        raise ReplayStoreError(f"replay store {folder} is in use by another process") from None
     except OSError as exc:
-        raise ReplayStoreError(f"replay store {path}: cannot lock: {exc.strerror}") from exc
+        raise ReplayStoreError(f"replay store {folder}: cannot lock: {exc.strerror}") from exc
 
 
-def _record(serial: int, sequence: int) -> bytes:
-    key = _KEY.pack(serial, sequence)
-    return key + zlib.crc32(key).to_bytes(4)
+def _load(folder: Path) -> tuple[_SeenPieces, int, int]:
+    """The pieces, the generation and an open journal; repairs only unacknowledged tails."""
+    snapshot_path, journal_path = folder / SNAPSHOT_NAME, folder / JOURNAL_NAME
+    try:
+        snapshot = snapshot_path.read_bytes() if snapshot_path.exists() else None
+        journal = journal_path.read_bytes() if journal_path.exists() else None
+    except OSError as exc:
+        raise ReplayStoreError(f"replay store {folder}: cannot read: {exc.strerror}") from exc
+    generation, devices = 0, dict[int, DeviceState]()
+    if snapshot is not None:
+        generation, devices = _decoded(snapshot_path, fmt.decode_snapshot, snapshot)
+    seen = _SeenPieces(devices)
+    try:
+        if journal is None:
+            if snapshot is not None:
+                raise ReplayStoreError(
+                    f"replay store {folder}: {JOURNAL_NAME} is missing next to {SNAPSHOT_NAME}; "
+                    "the files were left as they are"
+                )
+            _replace(folder, JOURNAL_NAME, fmt.journal_header(0))
+            return seen, 0, _open_journal(folder)
+        journal_generation = _decoded(journal_path, fmt.decode_journal_header, journal)
+        if journal_generation < generation:
+            # A compaction stopped between its two renames: the snapshot holds it all.
+            _replace(folder, JOURNAL_NAME, fmt.journal_header(generation))
+            return seen, generation, _open_journal(folder)
+        if journal_generation > generation:
+            raise ReplayStoreError(
+                f"replay store {folder}: {JOURNAL_NAME} has generation {journal_generation} but "
+                f"{SNAPSHOT_NAME} has {generation} (missing or older snapshot) at offset 12; "
+                "the files were left as they are"
+            )
+        batches, end = _decoded(journal_path, fmt.decode_batches, journal)
+        for batch in batches:
+            seen.apply(batch.additions, batch.stamp)
+        fd = _open_journal(folder)
+        if end != len(journal):
+            os.ftruncate(fd, end)  # an unacknowledged tail: see the module docstring
+            os.fsync(fd)
+        return seen, generation, fd
+    except OSError as exc:
+        raise ReplayStoreError(f"replay store {folder}: {exc.strerror or exc}") from exc
+
+
+def _decoded(path: Path, decode: Callable[[bytes], _T], data: bytes) -> _T:
+    try:
+        return decode(data)
+    except FormatError as exc:
+        raise ReplayStoreError(
+            f"replay store file {path}: {exc}; the file was left as it is"
+        ) from None
+
+
+def _open_journal(folder: Path) -> int:
+    return os.open(folder / JOURNAL_NAME, os.O_RDWR | os.O_CLOEXEC)
+
+
+def _replace(folder: Path, name: str, data: bytes) -> None:
+    """Atomically replace folder/name with data: temporary file, fsync, rename, folder fsync."""
+    temporary = folder / f"{name}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        _write_all(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, folder / name)
+    _sync_folder(folder)
+
+
+def _sync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes, offset: int) -> None:
@@ -210,58 +528,8 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
         offset += written
 
 
-def _load(path: Path, fd: int) -> tuple[_SeenPieces, int]:
-    """Check the header and every record; returns the pieces and the end offset."""
+def _size(path: Path) -> int:
     try:
-        size = os.fstat(fd).st_size
-        if size < _HEADER.size:
-            _initialize(path, fd, size)
-            return _SeenPieces(), _HEADER.size
-        header = os.pread(fd, _HEADER.size, 0)
-        if header != _HEADER_BYTES:
-            raise ReplayStoreError(
-                f"replay store {path}: bad header at offset 0 (not a version "
-                f"{FORMAT_VERSION} replay store); the file was left as it is"
-            )
-        seen = _SeenPieces()
-        whole_end = size - (size - _HEADER.size) % _RECORD.size
-        offset = _HEADER.size
-        while offset < whole_end:
-            chunk = os.pread(fd, min(_READ_CHUNK, whole_end - offset), offset)
-            if len(chunk) % _RECORD.size:
-                raise ReplayStoreError(f"replay store {path}: short read at offset {offset}")
-            pieces = []
-            for index, (serial, sequence, checksum) in enumerate(_RECORD.iter_unpack(chunk)):
-                start = index * _RECORD.size
-                if zlib.crc32(chunk[start : start + _KEY.size]) != checksum:
-                    raise ReplayStoreError(
-                        f"replay store {path}: record at offset {offset + start} fails its "
-                        "checksum; the file was left as it is"
-                    )
-                pieces.append((serial, sequence))
-            seen.add(pieces)
-            offset += len(chunk)
-        if whole_end != size:
-            # A partial last record: the batch it began was never acknowledged.
-            os.ftruncate(fd, whole_end)
-            os.fsync(fd)
-        return seen, whole_end
-    except OSError as exc:
-        raise ReplayStoreError(f"replay store {path}: {exc.strerror or exc}") from exc
-
-
-def _initialize(path: Path, fd: int, size: int) -> None:
-    """Write the header of a new file, or of one whose creation a crash cut short."""
-    if os.pread(fd, size, 0) != _HEADER_BYTES[:size]:
-        raise ReplayStoreError(
-            f"replay store {path}: bad header at offset 0 ({size} bytes); "
-            "the file was left as it is"
-        )
-    _write_all(fd, _HEADER_BYTES[size:], size)
-    os.fsync(fd)
-    # Make the new file's directory entry durable too.
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0

@@ -11,7 +11,7 @@ from meter.errors import MalformedIndicium, ReplayStoreError
 from meter.indicium import MAX_ADVANCE_DAYS, SIGNED_LENGTH, Indicium, decode
 from meter.pki.revocation import Revocations
 from meter.pki.trust import TrustStore
-from meter.postoffice.replay import ReplayStore
+from meter.postoffice.replay import Piece, ReplayStore
 from meter.postoffice.verdict import Verdict, VerificationResult
 
 MAX_DAYS_AHEAD = 1  # date of mailing at most this many days after the verifier's date
@@ -46,7 +46,7 @@ class Verifier:
 
     def check_replay(self, reached: list[Indicium]) -> list[VerificationResult]:
         """The DUPLICATE and VALID rows: one check-and-set for every piece that got there."""
-        pieces = [(indicium.device_serial, indicium.sequence) for indicium in reached]
+        pieces = [Piece(i.device_serial, i.sequence, i.date_of_mailing) for i in reached]
         try:
             seen = self._replay.check_and_set(pieces)
             if len(seen) != len(pieces):

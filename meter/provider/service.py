@@ -13,6 +13,7 @@ from cryptography import x509
 
 from meter.errors import ConfigurationError, InvalidInput, ProtocolError
 from meter.protocol.credit import CreditGrant, CreditRequest, verify_provider_certificate
+from meter.protocol.credited import CreditedExport
 from meter.provider.authority import CertifyingParty
 from meter.token import Token
 
@@ -70,6 +71,20 @@ class Provider(CertifyingParty):
             for e in self._ledger_entries()
             if e["device_serial"] == device_serial
         )
+
+    def export_credited(self, now: datetime) -> dict[str, object]:
+        """Every device's credited total, signed by this provider's key, for post offices.
+
+        The format is in meter/protocol/credited.py; a post office reconciles
+        ascending registers against it (an ascending register above it is
+        postage the provider never sold).
+        """
+        totals: dict[int, int] = {}
+        for entry in self._ledger_entries():
+            serial = int(str(entry["device_serial"]))
+            totals[serial] = totals.get(serial, 0) + int(str(entry["amount"]))
+        export = CreditedExport(self.authorization_id, now.replace(microsecond=0), totals)
+        return export.signed_by(self.signer()).to_json()
 
     def grant_credit(self, request: CreditRequest, amount: int, now: datetime) -> CreditGrant:
         """Sign a grant of ``amount`` mills for the meter's request, recorded before it is returned."""

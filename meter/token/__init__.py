@@ -1,5 +1,6 @@
 """The PKCS#11 boundary: the only package that imports ``pkcs11``."""
 
+from meter.token.kat import KatResult, run_token_kats
 from meter.token.module import Pkcs11Module, load_module
 from meter.token.profile import (
     Durability,
@@ -8,14 +9,16 @@ from meter.token.profile import (
     default_profile_path,
     load_profile,
 )
-from meter.token.session import DataObject, Token
+from meter.token.session import DataObject, Login, Token
 from meter.token.softhsm import ensure_conf, ensure_token, softhsm_env, token_dir
 
 __all__ = [
     "DataObject",
     "Durability",
     "HsmProfile",
+    "KatResult",
     "KeyAlgorithm",
+    "Login",
     "Pkcs11Module",
     "Token",
     "default_profile_path",
@@ -23,6 +26,7 @@ __all__ = [
     "ensure_token",
     "load_module",
     "load_profile",
+    "run_token_kats",
     "softhsm_env",
     "token_dir",
 ]

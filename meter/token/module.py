@@ -55,6 +55,10 @@ class Pkcs11Module:
             with translated(f"module {self.path}", "initialize"):
                 self.lib.initialize()
 
+    def has_token(self, label: str) -> bool:
+        with self.lock:
+            return any(True for _ in self.lib.get_tokens(token_label=label))
+
     def get_token(self, label: str) -> pkcs11.Token:
         with self.lock, translated(f"token '{label}' in module {self.path}", "find token"):
             return self.lib.get_token(token_label=label)

@@ -17,14 +17,15 @@ from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 from pkcs11.util.rsa import encode_rsa_public_key
 
-from meter.errors import TokenError, TokenUnavailable
+from meter.errors import AccessDenied, TokenError, TokenUnavailable
 from meter.token._errors import translated
 from meter.token.module import Pkcs11Module
 from meter.token.profile import KeyAlgorithm
 
-__all__ = ["DataObject", "KeyKind", "Token"]
+__all__ = ["DataObject", "KeyKind", "Login", "Token"]
 
 KeyKind = Literal["private", "public", "secret"]
+Login = Literal["user", "so"]
 _KEY_CLASSES = {
     "private": ObjectClass.PRIVATE_KEY,
     "public": ObjectClass.PUBLIC_KEY,
@@ -78,7 +79,7 @@ class DataObject:
 
 
 class Token:
-    """A read-write user session on one token. Use as a context manager.
+    """A read-write session on one token, public or logged in. Use as a context manager.
 
     Every PKCS#11 call takes the module's lock; a file lock keeps other
     processes from opening the same token through this class at once.
@@ -92,6 +93,7 @@ class Token:
         session: pkcs11.Session,
         lock_fd: int,
         sync_dir: Path | None,
+        login: Login | None = "user",
     ) -> None:
         self._module = module
         self.label = label
@@ -100,6 +102,7 @@ class Token:
         self._lock_fd = lock_fd
         self._sync_dir = sync_dir
         self.where = f"token '{label}' in module {module.path}"
+        self._login: Login | None = login
         # Key handles by (class, label): a lookup is a C_FindObjects round trip
         # on every signature otherwise. Keys only change through this object.
         self._keys: dict[tuple[ObjectClass, str], Any] = {}
@@ -111,13 +114,20 @@ class Token:
         cls,
         module: Pkcs11Module,
         label: str,
-        pin: str,
+        pin: str | None,
         *,
         lock_dir: Path,
         so: bool = False,
         sync_dir: Path | None = None,
     ) -> Token:
-        """Log in to the token labelled ``label``, as user (or SO), taking its process lock."""
+        """Open the token labelled ``label``, taking its process lock.
+
+        With a PIN, log in as user (or SO); with ``pin=None``, open a public
+        session: public objects are readable and session objects can be made,
+        and :meth:`login` can follow once a PIN is known.
+        """
+        if pin is None and so:
+            raise TokenError(f"token '{label}' in module {module.path}: an SO session needs a PIN")
         lock_dir.mkdir(parents=True, exist_ok=True)
         lock_path = lock_dir / f"token-{label}.lock"
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -132,8 +142,10 @@ class Token:
         try:
             token = module.get_token(label)
             where = f"token '{label}' in module {module.path}"
-            with module.lock, translated(where, "log in as SO" if so else "log in"):
-                if so:
+            with module.lock, translated(where, _login_what(so, pin)):
+                if pin is None:
+                    session = token.open(rw=True)
+                elif so:
                     session = token.open(rw=True, so_pin=pin)
                 else:
                     session = token.open(rw=True, user_pin=pin)
@@ -142,7 +154,45 @@ class Token:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
             raise
-        return cls(module, label, token, session, fd, sync_dir)
+        login: Login | None = None if pin is None else "so" if so else "user"
+        return cls(module, label, token, session, fd, sync_dir, login)
+
+    @property
+    def login_state(self) -> Login | None:
+        """Who is logged in to the open session: "user", "so", or None (public session)."""
+        return self._login
+
+    def login(self, pin: str, so: bool = False) -> None:
+        """Log the open token in as user (or SO), keeping its process lock.
+
+        python-pkcs11 logs in only while opening a session, and PKCS#11 login
+        state belongs to the application, not the session: so a logged-in
+        session replaces the public one. Session objects of the old session go.
+        """
+        if self._login is not None:
+            raise TokenError(
+                f"{self.where}: already logged in as {self._login}; log out first ({_login_what(so, pin)})"
+            )
+        with self._call(_login_what(so, pin)):
+            new = (
+                self._token.open(rw=True, so_pin=pin)
+                if so
+                else self._token.open(rw=True, user_pin=pin)
+            )
+            self._replace_session(new, "so" if so else "user")
+
+    def logout(self) -> None:
+        """Log out (C_Logout), keeping a public session open and the process lock; idempotent."""
+        if self._login is None or self._session is None:
+            return
+        with self._call("log out"):
+            self._replace_session(self._token.open(rw=True), None)
+
+    def _replace_session(self, new: pkcs11.Session, login: Login | None) -> None:
+        old, self._session, self._login = self._session, new, login
+        self._keys.clear()  # handles of private objects die with the login
+        if old is not None:
+            old.close()  # python-pkcs11 calls C_Logout first if the old session logged in
 
     def close(self) -> None:
         if self._session is None:
@@ -168,6 +218,11 @@ class Token:
             raise TokenError(f"{self.where}: session is closed ({what})")
         with self._module.lock, translated(self.where, what):
             yield self._session
+
+    def _require_user(self, what: str) -> None:
+        if self._login != "user":
+            who = "the SO is logged in" if self._login == "so" else "no user is logged in"
+            raise AccessDenied(f"{self.where}: {who}; {what} needs the token's user login")
 
     def _key(self, session: pkcs11.Session, object_class: ObjectClass, label: str) -> Any:
         key = self._keys.get((object_class, label))
@@ -263,6 +318,7 @@ class Token:
         inside, r||s out. Ed25519: CKM_EDDSA over the message. RSA: PSS with
         SHA-256, MGF1-SHA-256 and a 32-byte salt.
         """
+        self._require_user(f"sign with key '{label}'")
         with self._call(f"sign with key '{label}'") as s:
             key = self._key(s, ObjectClass.PRIVATE_KEY, label)
             if algorithm is KeyAlgorithm.ECDSA_P256:
@@ -276,6 +332,29 @@ class Token:
                     mechanism_param=(Mechanism.SHA256, MGF.SHA256, 32),
                 )
             )
+
+    def generate_key_exchange_keypair(self, label: str) -> bytes:
+        """An ECDH P-256 key pair for key agreement (CKA_DERIVE), private half non-extractable."""
+        if self.has_key(label):
+            raise TokenError(f"{self.where}: a key labelled '{label}' exists already")
+        pub_t = self._public_template(label)
+        priv_t = self._private_template(label)
+        pub_t.pop(Attribute.VERIFY)
+        priv_t.pop(Attribute.SIGN)
+        pub_t[Attribute.DERIVE] = True
+        priv_t[Attribute.DERIVE] = True
+        key_type, mechanism, oid = _CURVES[KeyAlgorithm.ECDSA_P256]
+        pub_t[Attribute.EC_PARAMS] = encode_named_curve_parameters(oid)
+        with self._call(f"generate key-agreement key pair '{label}'") as s:
+            s.generate_keypair(
+                key_type,
+                None,
+                mechanism=mechanism,
+                public_template=pub_t,
+                private_template=priv_t,
+                store=True,
+            )
+        return self.public_key_spki(label)
 
     def generate_hmac_key(self, label: str) -> None:
         """A 256-bit HMAC-SHA-256 key, generated in the token, sensitive and not extractable."""
@@ -301,6 +380,7 @@ class Token:
 
     def hmac(self, label: str, data: bytes) -> bytes:
         """HMAC-SHA-256 of ``data`` under the token's secret key ``label``."""
+        self._require_user(f"HMAC with key '{label}'")
         with self._call(f"HMAC with key '{label}'") as s:
             key = self._key(s, ObjectClass.SECRET_KEY, label)
             return bytes(key.sign(data, mechanism=Mechanism.SHA256_HMAC))
@@ -363,6 +443,12 @@ class Token:
                 )
         finally:
             os.close(fd)
+
+
+def _login_what(so: bool, pin: str | None) -> str:
+    if pin is None:
+        return "open public session"
+    return "log in as SO" if so else "log in"
 
 
 _LIBC: ctypes.CDLL | None = None

@@ -1,0 +1,66 @@
+"""``meter provider``: the provider's commands (the export post offices reconcile against)."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+
+from meter.cli.common import emit, errors, home_of
+from meter.errors import ConfigurationError
+from meter.provider import Provider
+
+__all__ = ["provider"]
+
+
+@click.group()
+def provider() -> None:
+    """Run the provider: exports for post offices."""
+
+
+@provider.command("export-credited")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="File to write the signed export to (JSON, format pim-credited-v1).",
+)
+@click.pass_context
+def export_credited(ctx: click.Context, out: Path) -> None:
+    """Write every device's credited total, signed by the provider's token key.
+
+    A post office reconciles against it (`meter postoffice reconcile
+    --credited FILE`): an ascending register above the credited total is
+    postage never paid for. Needs PROVIDER_USER_PIN.
+    """
+    with errors(ctx):
+        home = home_of(ctx)
+        with home.open_token("provider") as token:
+            document = Provider.open(token, home.ledger).export_credited(datetime.now(UTC))
+        _write_atomically(out, json.dumps(document, indent=1, sort_keys=True) + "\n")
+        devices = document["devices"]
+        assert isinstance(devices, dict)
+        summary = {"out": str(out), "devices": len(devices), "total": sum(devices.values())}
+        emit(
+            ctx,
+            summary,
+            lambda: f"wrote {out}: credited totals of {len(devices)} devices, signed",
+        )
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Whole or not at all: a post office never reads half an export."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigurationError(f"cannot write {path}: {exc.strerror}") from exc

@@ -1,0 +1,873 @@
+"""The meter's audit log: hash-chained records, signed seals, archives, offline verification.
+
+Every service call, logon, logoff, error state and self-test result becomes one
+record. Records are written at once and durably (a failed logon happens before
+any PIN opens the token), and chained by hash; the audit key in the token signs
+the chain's head in *seal* records whenever the firmware holds the token.
+
+Record (one JSON object; canonical JSON = ``sort_keys``, separators ``,`` and
+``:``, ASCII only, no NaN)::
+
+    {"index": 7, "at": "2024-05-01T12:00:00Z", "user_id": "alice" | null,
+     "role": "customer", "service": "create-indicium", "outcome": "ok",
+     "values": {...}, "kind": "event" | "seal", "prev": HEX32, "digest": HEX32}
+
+- ``index`` counts 1, 2, 3 ... and is never reused, across archives and deletes;
+- ``digest = SHA-256(b"meter-audit-v1" || prev || canonical JSON of
+  {at, index, kind, outcome, role, service, user_id, values})``; ``prev`` is the
+  previous record's digest (32 zero bytes before record 1). ``kind`` is hashed
+  too, so an event cannot pass for a seal or the reverse;
+- a *seal* has user_id null, role ``no-role``, service ``audit-seal``, outcome
+  ``ok`` and values ``{"through": N, "head": HEX32, "key_id": HEX8,
+  "signature": HEX64}``: N is the record before the seal, ``head`` its digest
+  (= the seal's ``prev``), ``signature`` the raw r||s ECDSA P-256 signature over
+  SHA-256 of ``b"meter-audit-seal-v1" || head || N as 8 bytes big-endian ||
+  the seal's own "at" in ASCII`` (so the seal record is covered entirely), and
+  ``key_id`` the first 8 bytes of SHA-256 of the audit key's SPKI DER.
+
+Files under the log's folder (``HOME/meter/audit/``):
+
+- ``audit.jsonl``: the live log, one canonical record per line. After
+  delete_archived its first line is ``{"anchor": {"digest": HEX32, "index": N}}``:
+  the last deleted record, from which the live chain continues. On open the
+  whole chain is checked; a broken line is a ConfigurationError naming the file,
+  line and record, and the file is left as it is. Only a torn last line (no
+  final newline: a crash mid-append, never acknowledged) is dropped.
+- ``archived.json``: ``{"archived_through": N, "digest": HEX32, "file": PATH}``,
+  replaced atomically after each archive.
+- ``audit.lock``: every operation holds an exclusive flock on it (the live log
+  itself is replaced by delete_archived, so it cannot carry the lock), rereads
+  what other processes appended, then writes.
+
+Export and archive files (one JSON object, one record per line)::
+
+    {"format": "meter-audit-export-v1", "kind": "export" | "archive",
+     "written_at": "...Z", "key_id": HEX8,
+     "anchor": {"index": N, "digest": HEX32} | null,
+     "records": [RECORD, ...]}
+
+``anchor`` is the record just before the first one (null when the file starts
+at record 1). Both end with a seal. verify_export checks files in order
+(archive 1, archive 2, ..., latest export) with the public audit key alone.
+A first file that starts after an anchor is checked from that anchor on: the
+report is OK and says that earlier records are not in the files; the anchor's
+digest is the first record's ``prev``, which the following seal signs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from meter.errors import ConfigurationError, InvalidInput
+
+__all__ = [
+    "EXPORT_FORMAT",
+    "SEAL_SERVICE",
+    "AuditLog",
+    "AuditRecord",
+    "Signer",
+    "VerifyReport",
+    "audit_key_id",
+    "seal_message",
+    "verify_export",
+]
+
+Signer = Callable[[bytes], bytes]
+"""Returns the raw r||s (64 bytes) ECDSA P-256 signature over SHA-256 of the message.
+
+It is called while the log's lock is held: it must not write to the audit log itself.
+"""
+
+EXPORT_FORMAT = "meter-audit-export-v1"
+SEAL_SERVICE = "audit-seal"
+_RECORD_DOMAIN = b"meter-audit-v1"
+_SEAL_DOMAIN = b"meter-audit-seal-v1"
+_GENESIS = bytes(32)
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_LIVE_LOG = "audit.jsonl"
+_STATE_FILE = "archived.json"
+_LOCK_FILE = "audit.lock"
+_RECORD_KEYS = frozenset(
+    {"index", "at", "user_id", "role", "service", "outcome", "values", "kind", "prev", "digest"}
+)
+_SEAL_KEYS = frozenset({"through", "head", "key_id", "signature"})
+
+
+def _canonical(value: object) -> str:
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads(text: str | bytes) -> Any:
+    """json.loads that refuses NaN and Infinity, which canonical JSON cannot write back."""
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+def _format_time(at: datetime) -> str:
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise InvalidInput(f"audit time {at.isoformat()} has no time zone; pass an aware datetime")
+    return at.astimezone(UTC).strftime(_TIME_FORMAT)
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.strptime(text, _TIME_FORMAT).replace(tzinfo=UTC)
+
+
+def _json_values(values: Mapping[str, object]) -> dict[str, object]:
+    """The values as they read back from JSON; refuses what would not round-trip."""
+    if any(not isinstance(k, str) for k in values):
+        raise InvalidInput("audit values must have str keys")
+    try:
+        text = _canonical(dict(values))
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"audit values must be plain JSON (no NaN): {exc}") from exc
+    loaded: dict[str, object] = _loads(text)
+    if _canonical(loaded) != text:
+        raise InvalidInput("audit values must be plain JSON with str keys")
+    return loaded
+
+
+def seal_message(head: bytes, through: int, at_text: str) -> bytes:
+    """What a seal's signature covers: the head digest, its index and the seal's time."""
+    return _SEAL_DOMAIN + head + through.to_bytes(8, "big") + at_text.encode("ascii")
+
+
+def audit_key_id(public_key: PublicKeyTypes) -> bytes:
+    """First 8 bytes of SHA-256 over the key's SubjectPublicKeyInfo DER."""
+    der = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).digest()[:8]
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audit record; ``digest`` chains it to ``prev`` (see the module docstring)."""
+
+    index: int
+    at: datetime
+    user_id: str | None
+    role: str
+    service: str
+    outcome: str
+    values: Mapping[str, object]
+    prev: bytes
+    digest: bytes
+    kind: str = "event"
+
+    @property
+    def at_text(self) -> str:
+        return self.at.strftime(_TIME_FORMAT)
+
+    def computed_digest(self) -> bytes:
+        body = {
+            "at": self.at_text,
+            "index": self.index,
+            "kind": self.kind,
+            "outcome": self.outcome,
+            "role": self.role,
+            "service": self.service,
+            "user_id": self.user_id,
+            "values": self.values,
+        }
+        return hashlib.sha256(_RECORD_DOMAIN + self.prev + _canonical(body).encode()).digest()
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "index": self.index,
+            "at": self.at_text,
+            "user_id": self.user_id,
+            "role": self.role,
+            "service": self.service,
+            "outcome": self.outcome,
+            "values": dict(self.values),
+            "kind": self.kind,
+            "prev": self.prev.hex(),
+            "digest": self.digest.hex(),
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> AuditRecord:
+        """Parse one record object; ValueError says which field is wrong."""
+        if not isinstance(obj, dict):
+            raise ValueError("not a JSON object")
+        if set(obj) != _RECORD_KEYS:
+            raise ValueError(f"fields {sorted(obj)} are not {sorted(_RECORD_KEYS)}")
+        index, user_id, values = obj["index"], obj["user_id"], obj["values"]
+        if not isinstance(index, int) or isinstance(index, bool) or index < 1:
+            raise ValueError("index is not a positive integer")
+        if user_id is not None and not isinstance(user_id, str):
+            raise ValueError("user_id is neither a string nor null")
+        for name in ("at", "role", "service", "outcome", "kind", "prev", "digest"):
+            if not isinstance(obj[name], str):
+                raise ValueError(f"{name} is not a string")
+        if obj["kind"] not in ("event", "seal"):
+            raise ValueError(f"kind '{obj['kind']}' is neither 'event' nor 'seal'")
+        if not isinstance(values, dict):
+            raise ValueError("values is not a JSON object")
+        prev, digest = bytes.fromhex(obj["prev"]), bytes.fromhex(obj["digest"])
+        if len(prev) != 32 or len(digest) != 32:
+            raise ValueError("prev or digest is not 32 bytes of hex")
+        return cls(
+            index=index,
+            at=_parse_time(obj["at"]),
+            user_id=user_id,
+            role=obj["role"],
+            service=obj["service"],
+            outcome=obj["outcome"],
+            values=values,
+            prev=prev,
+            digest=digest,
+            kind=obj["kind"],
+        )
+
+
+@dataclass
+class _State:
+    records: list[AuditRecord] = field(default_factory=list)
+    anchor: tuple[int, bytes] | None = None
+    inode: int | None = None
+    size: int = 0  # bytes read and checked
+    lines: int = 0  # lines read and checked
+
+    @property
+    def head(self) -> tuple[int, bytes]:
+        if self.records:
+            return self.records[-1].index, self.records[-1].digest
+        return self.anchor or (0, _GENESIS)
+
+    def digest_of(self, index: int) -> bytes | None:
+        if self.anchor is not None and self.anchor[0] == index:
+            return self.anchor[1]
+        first = self.records[0].index if self.records else 0
+        if self.records and first <= index <= self.records[-1].index:
+            return self.records[index - first].digest
+        return _GENESIS if index == 0 else None
+
+
+class AuditLog:
+    """The live audit log in one folder, shared safely by processes through a flock."""
+
+    def __init__(self, folder: Path) -> None:
+        """Use open(): it checks the chain."""
+        self._folder = folder
+        self._path = folder / _LIVE_LOG
+        self._state_path = folder / _STATE_FILE
+        self._lock_path = folder / _LOCK_FILE
+        self._state = _State()
+        self._archived: tuple[int, bytes] = (0, _GENESIS)
+        # Torn last lines (a crash mid-append) dropped since open: the firmware may record it.
+        self.torn_lines_dropped = 0
+
+    @classmethod
+    def open(cls, folder: Path) -> AuditLog:
+        """Open (or start) the log in ``folder``; ConfigurationError names a broken record."""
+        log = cls(Path(folder))
+        with log._locked():
+            pass
+        return log
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def head(self) -> tuple[int, bytes]:
+        """(index, digest) of the newest record; (0, 32 zero bytes) for a new log."""
+        with self._locked():
+            return self._state.head
+
+    @property
+    def archived_through(self) -> int:
+        with self._locked():
+            return self._archived[0]
+
+    def records(self, since: int | None = None) -> list[AuditRecord]:
+        """The live records with index >= ``since`` (all when None), oldest first."""
+        with self._locked():
+            return [r for r in self._state.records if since is None or r.index >= since]
+
+    def append(
+        self,
+        *,
+        at: datetime,
+        user_id: str | None,
+        role: str,
+        service: str,
+        outcome: str,
+        values: Mapping[str, object],
+    ) -> AuditRecord:
+        """Add one event record; it is on disk (fsync) before this returns."""
+        for name, text in (("role", role), ("service", service), ("outcome", outcome)):
+            if not text:
+                raise InvalidInput(f"audit record needs a {name}")
+        at_text, clean = _format_time(at), _json_values(values)
+        with self._locked():
+            return self._append(
+                at_text=at_text,
+                user_id=user_id,
+                role=role,
+                service=service,
+                outcome=outcome,
+                values=clean,
+                kind="event",
+            )
+
+    def seal(self, signer: Signer, key_id: bytes, at: datetime) -> AuditRecord | None:
+        """Sign the current head in a seal record; None if the newest record is a seal."""
+        at_text = _format_time(at)
+        with self._locked():
+            return self._seal(signer, key_id, at_text)
+
+    def export(self, path: Path, signer: Signer, key_id: bytes, at: datetime) -> int:
+        """Seal, then write every live record to ``path`` (replaced if it exists); the count."""
+        at_text, path = _format_time(at), Path(path)
+        if path.is_dir():
+            raise InvalidInput(f"{path} is a folder: name the export file")
+        with self._locked():
+            self._seal(signer, key_id, at_text)
+            records = list(self._state.records)
+            document = _document("export", at_text, key_id, self._state.anchor, records)
+            _write_output(path, document, overwrite=True)
+            return len(records)
+
+    def archive(self, path: Path, signer: Signer, key_id: bytes, at: datetime) -> int:
+        """Seal, write the records not yet archived to a new file ``path``; the count."""
+        at_text, path = _format_time(at), Path(path)
+        if path.exists():
+            raise InvalidInput(f"{path} exists already: choose a new archive file")
+        with self._locked():
+            self._seal(signer, key_id, at_text)
+            through, through_digest = self._archived
+            records = [r for r in self._state.records if r.index > through]
+            if not records:
+                raise InvalidInput(f"nothing to archive: records through {through} are archived")
+            anchor = (through, through_digest) if through else None
+            _write_output(path, _document("archive", at_text, key_id, anchor, records), False)
+            last = records[-1]
+            state = {
+                "archived_through": last.index,
+                "digest": last.digest.hex(),
+                "file": str(path.resolve()),
+            }
+            self._store(self._state_path, (json.dumps(state, sort_keys=True) + "\n").encode())
+            self._archived = (last.index, last.digest)
+            return len(records)
+
+    def delete_archived(self) -> int:
+        """Drop live records already archived, keeping the last as anchor; the count dropped."""
+        with self._locked():
+            through, through_digest = self._archived
+            if through == 0:
+                raise InvalidInput("no audit record is archived yet: archive before deleting")
+            keep = [r for r in self._state.records if r.index > through]
+            dropped = len(self._state.records) - len(keep)
+            if dropped == 0:
+                return 0
+            lines = [_canonical({"anchor": {"digest": through_digest.hex(), "index": through}})]
+            lines += [_canonical(r.to_json()) for r in keep]
+            data = "".join(line + "\n" for line in lines).encode()
+            self._store(self._path, data)
+            try:
+                inode = os.stat(self._path).st_ino
+            except OSError as exc:
+                raise ConfigurationError(f"audit log {self._path}: {exc.strerror}") from exc
+            anchor = (through, through_digest)
+            self._state = _State(keep, anchor, inode, len(data), len(lines))
+            return dropped
+
+    # -- inside the lock -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            self._folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ConfigurationError(f"audit log {self._folder}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._refresh()
+            yield
+        finally:
+            os.close(fd)  # also releases the flock
+
+    def _refresh(self) -> None:
+        """Read what other processes wrote since we last looked; check it."""
+        archived = self._read_archived()
+        old = self._state
+        try:
+            stat = os.stat(self._path)
+        except FileNotFoundError:
+            if old.head[0] or archived[0]:
+                raise ConfigurationError(
+                    f"audit log {self._path} is missing but records through "
+                    f"{max(old.head[0], archived[0])} were written; restore it from a backup"
+                ) from None
+            self._state, self._archived = _State(), archived
+            return
+        except OSError as exc:
+            raise ConfigurationError(f"audit log {self._path}: {exc.strerror or exc}") from exc
+        if stat.st_ino == old.inode and stat.st_size == old.size:
+            new = old
+        elif stat.st_ino == old.inode and stat.st_size > old.size:
+            new = self._load(_State(list(old.records), old.anchor, old.inode, old.size, old.lines))
+        else:
+            new = self._load(_State(inode=stat.st_ino))
+            if new.head[0] < old.head[0]:
+                raise ConfigurationError(
+                    f"audit log {self._path} went back from record {old.head[0]} to "
+                    f"{new.head[0]}; restore it from a backup"
+                )
+        through = archived[0]
+        if new.anchor is not None and through < new.anchor[0]:
+            raise ConfigurationError(
+                f"{self._state_path} says records through {through} are archived, but "
+                f"{self._path} has deleted records through {new.anchor[0]}"
+            )
+        if through and new.digest_of(through) != archived[1]:
+            raise ConfigurationError(
+                f"{self._state_path} says records through {through} are archived, but record "
+                f"{through} in {self._path} is missing or differs from the one archived"
+            )
+        self._state, self._archived = new, archived
+
+    def _load(self, state: _State) -> _State:
+        """Parse the file from ``state.size`` on, appending to ``state``; drops a torn tail."""
+        try:
+            with open(self._path, "r+b") as f:
+                f.seek(state.size)
+                data = f.read()
+                end = data.rfind(b"\n") + 1
+                if end < len(data):
+                    # A crash cut the last append short: it was never acknowledged.
+                    f.truncate(state.size + end)
+                    f.flush()
+                    os.fsync(f.fileno())
+                    self.torn_lines_dropped += 1
+        except OSError as exc:
+            raise ConfigurationError(f"audit log {self._path}: {exc.strerror or exc}") from exc
+        for raw in data[:end].split(b"\n")[:-1]:
+            state.lines += 1
+            where, expected = f"line {state.lines}", state.head[0] + 1
+            try:
+                obj = _loads(raw)
+                if state.lines == 1 and isinstance(obj, dict) and set(obj) == {"anchor"}:
+                    state.anchor = _parse_anchor(obj["anchor"])
+                    continue
+                record = AuditRecord.from_json(obj)
+            except (ValueError, TypeError, KeyError) as exc:
+                raise self._broken(where, expected, f"is unreadable ({exc})") from exc
+            if record.index != expected:
+                raise self._broken(where, expected, f"holds record {record.index} instead")
+            if record.prev != state.head[1]:
+                raise self._broken(where, expected, "does not chain to the record before it")
+            if record.computed_digest() != record.digest:
+                raise self._broken(where, expected, "was altered (its digest does not match)")
+            state.records.append(record)
+        state.size += end
+        return state
+
+    def _broken(self, where: str, index: int, what: str) -> ConfigurationError:
+        return ConfigurationError(
+            f"audit log {self._path}: {where} (record {index}) {what}; the file was left as it "
+            "is: keep it as evidence, restore the log from a backup and check it with "
+            "'meter audit verify'"
+        )
+
+    def _read_archived(self) -> tuple[int, bytes]:
+        try:
+            text = self._state_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return 0, _GENESIS
+        except OSError as exc:
+            raise ConfigurationError(f"{self._state_path}: {exc.strerror or exc}") from exc
+        try:
+            obj = json.loads(text)
+            through, digest = obj["archived_through"], bytes.fromhex(obj["digest"])
+            if not isinstance(through, int) or through < 1 or len(digest) != 32:
+                raise ValueError("archived_through or digest out of range")
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ConfigurationError(f"{self._state_path} is not an archive marker: {exc}") from exc
+        return through, digest
+
+    def _append(
+        self,
+        *,
+        at_text: str,
+        user_id: str | None,
+        role: str,
+        service: str,
+        outcome: str,
+        values: dict[str, object],
+        kind: str,
+    ) -> AuditRecord:
+        index, prev = self._state.head
+        unsigned = AuditRecord(
+            index=index + 1,
+            at=_parse_time(at_text),
+            user_id=user_id,
+            role=role,
+            service=service,
+            outcome=outcome,
+            values=values,
+            prev=prev,
+            digest=_GENESIS,
+            kind=kind,
+        )
+        record = replace(unsigned, digest=unsigned.computed_digest())
+        line = (_canonical(record.to_json()) + "\n").encode()
+        created = self._state.inode is None
+        try:
+            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ConfigurationError(f"audit log {self._path}: {exc.strerror or exc}") from exc
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+            if created:
+                _sync_directory(self._folder)
+            stat = os.fstat(fd)
+        except OSError as exc:
+            # Not acknowledged: take back what reached the file.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self._state.size)
+            raise ConfigurationError(
+                f"audit log {self._path}: cannot write record {record.index}: {exc.strerror or exc}"
+            ) from exc
+        finally:
+            os.close(fd)
+        self._state.records.append(record)
+        self._state.inode, self._state.size = stat.st_ino, stat.st_size
+        self._state.lines += 1
+        return record
+
+    def _seal(self, signer: Signer, key_id: bytes, at_text: str) -> AuditRecord | None:
+        if len(key_id) != 8:
+            raise InvalidInput(f"audit key id is {len(key_id)} bytes, expected 8")
+        records = self._state.records
+        if records and records[-1].kind == "seal":
+            return None
+        through, head = self._state.head
+        signature = signer(seal_message(head, through, at_text))
+        if len(signature) != 64:
+            raise InvalidInput(f"audit signer returned {len(signature)} bytes, expected r||s of 64")
+        values: dict[str, object] = {
+            "through": through,
+            "head": head.hex(),
+            "key_id": key_id.hex(),
+            "signature": signature.hex(),
+        }
+        return self._append(
+            at_text=at_text,
+            user_id=None,
+            role="no-role",
+            service=SEAL_SERVICE,
+            outcome="ok",
+            values=values,
+            kind="seal",
+        )
+
+    def _store(self, path: Path, data: bytes) -> None:
+        try:
+            _write_file(path, data, overwrite=True)
+        except OSError as exc:
+            raise ConfigurationError(f"{path}: cannot write: {exc.strerror or exc}") from exc
+
+
+def _parse_anchor(obj: object) -> tuple[int, bytes]:
+    if not isinstance(obj, dict) or set(obj) != {"index", "digest"}:
+        raise ValueError("an anchor is {index, digest}")
+    index, digest = obj["index"], bytes.fromhex(str(obj["digest"]))
+    if not isinstance(index, int) or isinstance(index, bool) or index < 1 or len(digest) != 32:
+        raise ValueError("anchor index or digest out of range")
+    return index, digest
+
+
+def _document(
+    kind: str,
+    at_text: str,
+    key_id: bytes,
+    anchor: tuple[int, bytes] | None,
+    records: Sequence[AuditRecord],
+) -> bytes:
+    """An export or archive file: valid JSON, one record per line for readers and diffs."""
+    head = {
+        "format": EXPORT_FORMAT,
+        "kind": kind,
+        "written_at": at_text,
+        "key_id": key_id.hex(),
+        "anchor": None if anchor is None else {"index": anchor[0], "digest": anchor[1].hex()},
+    }
+    lines = [f" {json.dumps(k)}: {_canonical(v)}," for k, v in head.items()]
+    body = ",\n".join(f"  {_canonical(r.to_json())}" for r in records)
+    text = (
+        "{\n" + "\n".join(lines) + '\n "records": [\n' + body + ("\n" if body else "") + " ]\n}\n"
+    )
+    return text.encode("ascii")
+
+
+def _write_output(path: Path, data: bytes, overwrite: bool) -> None:
+    """An export or archive file; unless ``overwrite``, never over an existing file."""
+    try:
+        _write_file(path, data, overwrite)
+    except FileExistsError:
+        raise InvalidInput(f"{path} exists already: choose a new archive file") from None
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot write: {exc.strerror or exc}") from exc
+
+
+def _write_file(path: Path, data: bytes, overwrite: bool) -> None:
+    """Write ``data`` to ``path`` atomically and durably (temporary file, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        if overwrite:
+            os.replace(temp, path)
+        else:
+            os.link(temp, path)  # FileExistsError rather than replacing
+        _sync_directory(path.parent)
+    finally:
+        Path(temp).unlink(missing_ok=True)
+
+
+def _sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- offline verification ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The verdict on exported files; ``first_bad`` is the first record that fails, if any."""
+
+    ok: bool
+    records: int
+    first_bad: int | None
+    reason: str
+    signed_through: int
+
+
+class _Broken(Exception):
+    def __init__(self, index: int | None, reason: str) -> None:
+        super().__init__(reason)
+        self.index, self.reason = index, reason
+
+
+def verify_export(paths: Sequence[Path], public_key_pem: bytes) -> VerifyReport:
+    """Check exported or archive files, in order, with the public audit key alone.
+
+    InvalidInput for a missing file or a key that is not an ECDSA P-256 public key;
+    everything else that is wrong with the files is a report with ok=False.
+    """
+    if not paths:
+        raise InvalidInput("name at least one audit export or archive file")
+    try:
+        key = serialization.load_pem_public_key(public_key_pem)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"the audit key is not a PEM public key: {exc}") from exc
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise InvalidInput("the audit key is not an ECDSA P-256 public key")
+    documents = [_read_document(Path(p)) for p in paths]
+    checker = _Checker(key)
+    try:
+        for number, document in enumerate(documents, 1):
+            checker.check_file(number, document)
+        return checker.verdict()
+    except _Broken as broken:
+        return VerifyReport(False, checker.count, broken.index, broken.reason, checker.signed)
+
+
+def _read_document(path: Path) -> object:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InvalidInput(f"{path}: no such audit export file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"{path}: cannot read: {exc}") from exc
+    try:
+        return _loads(text)
+    except ValueError as exc:
+        return exc  # reported as a broken file, in order, by the checker
+
+
+class _Checker:
+    """Walks the chain across files; raises _Broken at the first fault."""
+
+    def __init__(self, key: ec.EllipticCurvePublicKey) -> None:
+        self.key = key
+        self.key_id = audit_key_id(key)
+        self.known: dict[int, bytes] = {}  # digests checked so far, by index
+        self.start = 0  # the first file's anchor
+        self.count = 0
+        self.highest = 0
+        self.signed = 0
+
+    def check_file(self, number: int, document: object) -> None:
+        anchor_index, anchor_digest, items = _parse_file(number, document)
+        if number == 1:
+            self.start, self.known[anchor_index] = anchor_index, anchor_digest
+        elif self.known.get(anchor_index) != anchor_digest:
+            previous = number - 1
+            if anchor_index > self.highest:
+                raise _Broken(
+                    self.highest + 1,
+                    f"file {number} does not continue file {previous}: file {previous} ends at "
+                    f"record {self.highest}, file {number} starts after record {anchor_index}",
+                )
+            raise _Broken(
+                anchor_index or None,
+                f"file {number} does not continue file {previous}: its anchor (record "
+                f"{anchor_index}) is not the record {anchor_index} the earlier files hold",
+            )
+        prev_index, prev_digest = anchor_index, anchor_digest
+        for position, item in enumerate(items):
+            expected = prev_index + 1
+            try:
+                record = AuditRecord.from_json(item)
+            except (ValueError, TypeError) as exc:
+                raise _Broken(
+                    expected,
+                    f"record {expected} (entry {position + 1} of file {number}) is "
+                    f"malformed: {exc}",
+                ) from exc
+            if record.index != expected:
+                raise _Broken(*_order_fault(record.index, expected, items[position + 1 :]))
+            if record.computed_digest() != record.digest:
+                raise _Broken(expected, f"record {expected} was altered")
+            if record.prev != prev_digest:
+                if position == 0:
+                    raise _Broken(
+                        expected,
+                        f"record {expected} does not chain to the anchor of file {number}",
+                    )
+                raise _Broken(
+                    prev_index,
+                    f"record {prev_index} was altered (record {expected} no longer chains to it)",
+                )
+            if self.known.setdefault(expected, record.digest) != record.digest:
+                raise _Broken(expected, f"record {expected} differs between the files")
+            if expected > self.highest:
+                self.highest, self.count = expected, self.count + 1
+            if record.kind == "seal":
+                self._check_seal(record)
+            prev_index, prev_digest = expected, record.digest
+
+    def verdict(self) -> VerifyReport:
+        if self.highest <= self.start:
+            raise _Broken(None, "the files hold no audit records")
+        if self.signed < self.highest:
+            first = max(self.signed, self.start) + 1
+            raise _Broken(
+                first,
+                f"records {first} to {self.highest} are not covered by a seal (unsigned)",
+            )
+        reason = "every record chains to the one before it and is covered by a valid seal"
+        if self.start:
+            reason += (
+                f"; records 1 to {self.start} are not in these files and were not checked "
+                f"(record {self.start + 1} chains from the anchor, record {self.start}, and "
+                "the seals sign that chain)"
+            )
+        return VerifyReport(True, self.count, None, reason, self.signed)
+
+    def _check_seal(self, record: AuditRecord) -> None:
+        index, values = record.index, record.values
+        try:
+            if set(values) != _SEAL_KEYS:
+                raise ValueError(f"values {sorted(values)} are not {sorted(_SEAL_KEYS)}")
+            key_id, signature = _hex(values["key_id"]), _hex(values["signature"])
+        except ValueError as exc:
+            raise _Broken(index, f"seal at record {index} is malformed: {exc}") from exc
+        fixed = (record.user_id, record.role, record.service, record.outcome)
+        if fixed != (None, "no-role", SEAL_SERVICE, "ok"):
+            raise _Broken(index, f"seal at record {index} is malformed: {fixed} are not a seal's")
+        through = values["through"]
+        if (
+            not isinstance(through, int)
+            or through != index - 1
+            or values["head"] != record.prev.hex()
+        ):
+            raise _Broken(index, f"seal at record {index} does not seal the record before it")
+        message = seal_message(record.prev, index - 1, record.at_text)
+        try:
+            if len(signature) != 64:
+                raise InvalidSignature
+            r, s = int.from_bytes(signature[:32]), int.from_bytes(signature[32:])
+            self.key.verify(encode_dss_signature(r, s), message, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            which = "" if key_id == self.key_id else f" (it names audit key {key_id.hex()}"
+            which += f", not the given key {self.key_id.hex()})" if which else ""
+            raise _Broken(index, f"seal at record {index} has a bad signature{which}") from None
+        if key_id != self.key_id:
+            raise _Broken(index, f"seal at record {index} was altered (its key id)")
+        self.signed = max(self.signed, index)
+
+
+def _parse_file(number: int, document: object) -> tuple[int, bytes, list[object]]:
+    """The anchor (index 0 and zeros when none) and the record list of one file."""
+    if isinstance(document, ValueError):
+        raise _Broken(None, f"file {number} is not JSON: {document}")
+    if not isinstance(document, dict) or document.get("format") != EXPORT_FORMAT:
+        raise _Broken(None, f"file {number} is not a {EXPORT_FORMAT} file")
+    records = document.get("records")
+    if not isinstance(records, list):
+        raise _Broken(None, f"file {number} has no list of records")
+    if document.get("anchor") is None:
+        return 0, _GENESIS, records
+    try:
+        index, digest = _parse_anchor(document["anchor"])
+    except ValueError as exc:
+        raise _Broken(None, f"file {number} has a malformed anchor: {exc}") from exc
+    return index, digest, records
+
+
+def _hex(value: object) -> bytes:
+    """Bytes from lowercase hex only, so that one value has one spelling."""
+    if not isinstance(value, str) or bytes.fromhex(value).hex() != value:
+        raise ValueError(f"{value!r} is not lowercase hex")
+    return bytes.fromhex(value)
+
+
+def _order_fault(found: int, expected: int, later: Sequence[object]) -> tuple[int, str]:
+    """Why the index is not the next one: a reordering or a gap."""
+    later_indices = {item.get("index") for item in later if isinstance(item, dict)}
+    if found > expected and expected in later_indices:
+        return expected, f"records out of order: record {found} comes before record {expected}"
+    if found > expected:
+        return expected, (
+            f"record {expected} is missing (index jumps from {expected - 1} to {found})"
+        )
+    return found, f"records out of order: record {found} comes after record {expected - 1}"

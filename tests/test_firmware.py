@@ -1,0 +1,218 @@
+"""The device firmware on SoftHSM2: sessions, lockout, clock, corrections, error state, audit."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from meter.cli.home import Home
+from meter.cli.main import cli
+from meter.errors import AccessDenied, AuthenticationFailed, DeviceLocked, SessionActive
+from meter.indicium import FLAG_CORRECTION, RateCategory
+from meter.psd import IssueRequest
+from meter.psd.device import SIGNING_KEY_LABEL
+from meter.psd.firmware import PSD, ModuleState
+from meter.psd.register_store import MAC_KEY_LABEL
+from meter.token import KeyAlgorithm
+from tests.conftest import ROLE_USERS, TEST_PINS
+
+pytestmark = pytest.mark.softhsm
+
+REQUEST = IssueRequest(
+    postage=730,
+    rate_category=RateCategory.FIRST_CLASS_LETTER,
+    origin_zip="94043",
+    destination_zip="62704",
+    address=["Jane Q. Public", "1234 Main St."],
+)
+
+
+class Clock:
+    """A host clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def psd(device_home: Home, clock: Clock) -> Iterator[PSD]:
+    device = PSD.power_up(device_home.open_device_token(), device_home.device, clock=clock)
+    yield device
+    device.power_down()
+
+
+def logon(psd: PSD, role: str) -> None:
+    psd.logon(*ROLE_USERS[role])
+
+
+def test_one_user_at_a_time_and_logoff(psd: PSD) -> None:
+    logon(psd, "administrator")
+    with pytest.raises(SessionActive, match=r"'admin'.*one user at a time"):
+        logon(psd, "auditor")
+    assert psd.audit.records()[-1].outcome == "denied"
+    psd.logoff()
+    logon(psd, "auditor")
+    assert psd.caller().user_id == "auditor"
+
+
+def test_a_second_process_cannot_power_up_the_same_device(psd: PSD, device_home: Home) -> None:
+    from meter.errors import TokenUnavailable
+
+    logon(psd, "customer")
+    with pytest.raises(TokenUnavailable, match="in use by another process"):
+        device_home.open_device_token()
+
+
+def test_idle_timeout_ends_the_session(psd: PSD, clock: Clock) -> None:
+    logon(psd, "customer")
+    psd.create_indicium(REQUEST)
+    clock.now += psd.idle_timeout + timedelta(seconds=1)
+    with pytest.raises(AccessDenied, match="No-Role"):
+        psd.create_indicium(REQUEST)
+    services = [(r.service, r.values.get("reason")) for r in psd.audit.records()[-4:]]
+    assert ("session-end", "idle-timeout") in services
+
+
+def test_failed_logons_lock_the_user_out_for_a_growing_delay(psd: PSD, clock: Clock) -> None:
+    user, password = ROLE_USERS["customer"]
+    for _ in range(3):
+        with pytest.raises(AuthenticationFailed):
+            psd.logon(user, "Wrong-password-1")
+    with pytest.raises(AuthenticationFailed, match="locked out until"):
+        psd.logon(user, password)  # even the right password waits
+    failed = [r for r in psd.audit.records() if r.service == "logon" and r.outcome == "failed"]
+    assert failed[2].values["locked_until"] is not None
+    assert all("Wrong-password" not in json.dumps(dict(r.values)) for r in failed)
+    clock.now += timedelta(minutes=2)
+    psd.logon(user, password)
+    assert psd.caller().user_id == user
+
+
+def test_set_clock_moves_time_of_issue_and_is_audited(psd: PSD, clock: Clock) -> None:
+    logon(psd, "administrator")
+    target = clock.now + timedelta(days=2, hours=3)
+    result = psd.set_clock(target)
+    assert abs(result["step_s"] - int(timedelta(days=2, hours=3).total_seconds())) <= 1
+    record = psd.audit.records()[-1]
+    assert record.service == "set-clock" and record.values["step_s"] == result["step_s"]
+    psd.logoff()
+    logon(psd, "customer")
+    indicium = psd.create_indicium(REQUEST)
+    assert abs(indicium.time_of_issue - target.replace(microsecond=0)) <= timedelta(seconds=2)
+    assert indicium.date_of_mailing == target.date()
+
+
+def test_correction_indicium_refers_to_the_original_piece(psd: PSD) -> None:
+    logon(psd, "customer")
+    original = psd.create_indicium(REQUEST)
+    correction = psd.create_correction_indicium(REQUEST, original.sequence)
+    assert correction.flags & FLAG_CORRECTION
+    assert correction.reference_sequence == original.sequence
+    assert correction.sequence == original.sequence + 1
+    record = psd.audit.records()[-1]
+    assert record.service == "create-correction-indicium"
+    assert record.values["reference_sequence"] == original.sequence
+
+
+def test_swapped_signing_key_puts_the_device_in_the_error_state(
+    device_home: Home, clock: Clock
+) -> None:
+    with device_home.open_token("meter", TEST_PINS["METER_USER_PIN"]) as token:
+        token.destroy_key(SIGNING_KEY_LABEL)
+        token.generate_signing_keypair(SIGNING_KEY_LABEL, KeyAlgorithm.ECDSA_P256)
+    with PSD.power_up(device_home.open_device_token(), device_home.device, clock=clock) as psd:
+        logon(psd, "customer")
+        assert psd.module_state() == ModuleState.ERROR
+        with pytest.raises(DeviceLocked, match=r"error state.*pairwise"):
+            psd.create_indicium(REQUEST)
+        status = psd.request_status()
+        assert status["module_state"] == "error" and "pairwise" in status["error"]
+        kinds = [(r.service, r.outcome) for r in psd.audit.records()]
+        assert ("error-state", "entered") in kinds and ("create-indicium", "failed") in kinds
+
+
+def test_corrupt_register_mac_key_puts_the_device_in_the_error_state(
+    device_home: Home, clock: Clock
+) -> None:
+    with device_home.open_token("meter", TEST_PINS["METER_USER_PIN"]) as token:
+        token.destroy_key(MAC_KEY_LABEL)
+        token.generate_hmac_key(MAC_KEY_LABEL)
+    with PSD.power_up(device_home.open_device_token(), device_home.device, clock=clock) as psd:
+        logon(psd, "customer")
+        assert psd.module_state() == ModuleState.ERROR
+        with pytest.raises(DeviceLocked, match="error state"):
+            psd.create_indicium(REQUEST)
+        audit = psd.request_device_audit()  # on demand: still failing
+        assert audit["self_tests"]["passed"] is False and audit["module_state"] == "error"
+        assert "device-records" in psd.request_status()["error"]
+
+
+def test_withdrawn_device_refuses_to_issue(psd: PSD) -> None:
+    logon(psd, "provider")
+    psd.withdraw_psd()
+    assert psd.module_state() == ModuleState.WITHDRAWN
+    psd.power_down()
+
+
+def test_status_without_logon_and_after(psd: PSD) -> None:
+    status = psd.request_status()
+    assert status["role"] == "no-role" and status["registers"] is None
+    assert status["module_state"] == ModuleState.AUTHORIZED
+    assert status["self_tests"]["passed"] is True
+    logon(psd, "auditor")
+    status = psd.request_status()
+    assert (status["user_id"], status["role"]) == ("auditor", "auditor")
+    assert status["registers"]["descending"] == 100_000
+    assert status["keys"]["audit-signing"]["present"] is True
+    assert status["keys"]["indicium-signing"]["extractable"] is False
+    assert status["session"]["open"] is True
+
+
+def test_no_secret_reaches_the_users_file_or_the_audit_log(psd: PSD, device_home: Home) -> None:
+    logon(psd, "customer")
+    psd.create_indicium(REQUEST)
+    psd.power_down()
+    secrets = [TEST_PINS["METER_USER_PIN"], TEST_PINS["METER_SO_PIN"]]
+    secrets += [password for _, password in ROLE_USERS.values()]
+    for path in device_home.device.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            for secret in secrets:
+                assert secret.encode() not in data, f"{secret!r} found in {path}"
+
+
+def test_audit_log_saved_and_verified_offline_with_the_public_key(
+    psd: PSD, device_home: Home, tmp_path: Path
+) -> None:
+    logon(psd, "auditor")
+    key = psd.export_audit_key()
+    (tmp_path / "audit.pem").write_text(key["public_key_pem"])
+    psd.save_audit_log(tmp_path / "audit.json")
+    psd.logoff()
+    runner = CliRunner()
+    args = ["audit", "verify", str(tmp_path / "audit.json"), "--key", str(tmp_path / "audit.pem")]
+    ok = runner.invoke(cli, ["--home", str(device_home.path), *args], obj={})
+    assert ok.exit_code == 0 and "OK" in ok.output, ok.output
+    saved = json.loads((tmp_path / "audit.json").read_text())
+    text = json.dumps(saved)
+    assert '"service": "create-user"' in text or '"create-user"' in text
+    # Alter one record's values: the verifier names it.
+    records = saved["records"]
+    victim = next(r for r in records if r.get("service") == "authorize-customer")
+    victim["values"]["customer"] = "SOMEONE-ELSE"
+    (tmp_path / "audit.json").write_text(json.dumps(saved))
+    broken = runner.invoke(cli, ["--home", str(device_home.path), *args], obj={})
+    assert broken.exit_code == 2 and f"record {victim['index']}" in broken.output, broken.output
