@@ -14,6 +14,7 @@ from click.testing import CliRunner, Result
 from conftest import require_service
 from PIL import Image
 
+from meter.cli.home import Home
 from meter.cli.main import cli
 from meter.indicium import Algorithm
 from meter.label import encode_pdf417
@@ -125,7 +126,7 @@ def test_bad_input_is_reported_and_changes_no_store(tmp_path: Path, certs: list[
     assert "no PDF417 or Data Matrix" in got[0]["reason"] or "barcode" in got[0]["reason"]
     assert str(blank) in got[0]["reason"]
     assert "neither hexadecimal nor the path" in got[2]["reason"]
-    store = tmp_path / "bad" / "postoffice" / "replay.log"
+    store = Home.at(tmp_path / "bad").replay_store
     with EmbeddedReplayStore.open(store) as replay:
         assert len(replay) == 0
     with RegisterLedger.open(tmp_path / "bad" / "postoffice" / "registers.sqlite") as ledger:
@@ -139,7 +140,8 @@ def test_verify_of_an_image_without_a_barcode_is_an_error(tmp_path: Path, certs:
         cli, ["--home", str(tmp_path / "h"), "verify", *certs, "--image", str(blank)], obj={}
     )
     assert result.exit_code == 1 and str(blank) in result.output
-    assert not (tmp_path / "h" / "postoffice" / "replay.log").exists()
+    store = Home.at(tmp_path / "h").replay_store
+    assert not store.exists() or len(EmbeddedReplayStore.open(store)) == 0
 
 
 def test_progress_bar_on_request_only(tmp_path: Path, certs: list[str]) -> None:

@@ -143,7 +143,7 @@ def register(cli: click.Group) -> None:
     store_opt = click.option(
         "--store",
         default=None,
-        help="Replay store: an embedded store (default HOME/postoffice/replay.log) or a redis:// URL.",
+        help="Replay store: an embedded store (default HOME/postoffice/replay/) or a redis:// URL.",
     )
     ledger_opt = click.option(
         "--ledger",

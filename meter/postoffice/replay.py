@@ -46,7 +46,8 @@ import contextlib
 import fcntl
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from operator import itemgetter
@@ -135,6 +136,7 @@ def _piece_problem(piece: object) -> str | None:
 
 _T = TypeVar("_T")
 _MAILED = itemgetter(2)
+_SEQUENCE = itemgetter(1)
 _INT = {int}
 _CHUNK = 1 << CHUNK_BITS
 
@@ -144,7 +146,7 @@ class _Batch:
     """What check_and_set decided before anything is recorded."""
 
     seen: list[bool]
-    additions: list[tuple[int, BitMap]]  # (serial, its new sequences)
+    additions: list[tuple[int, Sequence[int]]]  # (serial, its new sequences)
     stamp: int  # ordinal of the latest date of mailing in the batch
 
 
@@ -157,40 +159,47 @@ class _SeenPieces:
     def plan(self, pieces: Sequence[Piece]) -> _Batch:
         """Flags and additions for a batch, checking it whole first; changes nothing.
 
-        Per-piece work is one pass that groups sequences by device; the rest is
-        per device in C: a bitmap of the batch's sequences, one intersection
-        with what is stored. Only devices with a hit are walked piece by piece.
+        Per-piece work is one pass that groups sequences by device and a few
+        passes in C over the whole batch; the rest is per device: one lookup
+        for a lone piece, else a bitmap of the batch's sequences and one
+        intersection. Only devices with a hit are walked piece by piece.
         """
-        groups: dict[int, list[int]] = {}
+        groups: defaultdict[int, list[int]] = defaultdict(list)
         try:
             for serial, sequence, _ in pieces:
-                group = groups.get(serial)
-                if group is None:
-                    groups[serial] = [sequence]
-                else:
-                    group.append(sequence)
+                groups[serial].append(sequence)
         except (TypeError, ValueError):
             validate_pieces(pieces)
             raise  # validate_pieces found nothing wrong: a bug, not bad input
         stamp = latest_mailing(pieces).toordinal()
-        additions: list[tuple[int, BitMap]] = []
+        if not set(map(type, map(_SEQUENCE, pieces))) <= _INT:
+            validate_pieces(pieces)  # BitMap would truncate a float
+        devices = self.devices
+        additions: list[tuple[int, Sequence[int]]] = []
         hits: list[int] = []
         for serial, sequences in groups.items():
             if type(serial) is not int or not 0 <= serial < MAX_SERIAL:
                 validate_pieces(pieces)
-            if not set(map(type, sequences)) <= _INT:
-                validate_pieces(pieces)
-            try:
-                new = BitMap(sequences)
-            except OverflowError:
-                validate_pieces(pieces)
-                raise
-            device = self.devices.get(serial)
-            if len(new) != len(sequences) or (device is not None and device.bitmap.intersect(new)):
-                hits.append(serial)
+            device = devices.get(serial)
+            if len(sequences) == 1:
+                sequence = sequences[0]
+                if not 0 <= sequence < MAX_SEQUENCE:
+                    validate_pieces(pieces)
+                if device is not None and sequence in device.bitmap:
+                    hits.append(serial)
+                    continue
             else:
-                new.run_optimize()
-                additions.append((serial, new))
+                try:
+                    new = BitMap(sequences)
+                except OverflowError:
+                    validate_pieces(pieces)
+                    raise
+                if len(new) != len(sequences) or (
+                    device is not None and device.bitmap.intersect(new)
+                ):
+                    hits.append(serial)
+                    continue
+            additions.append((serial, sequences))
         seen = [False] * len(pieces)
         if hits:
             self._walk(pieces, hits, seen, additions)
@@ -201,7 +210,7 @@ class _SeenPieces:
         pieces: Sequence[Piece],
         hits: list[int],
         seen: list[bool],
-        additions: list[tuple[int, BitMap]],
+        additions: list[tuple[int, Sequence[int]]],
     ) -> None:
         """Piece by piece, in order, for the devices whose batch meets what is stored."""
         fresh = {serial: BitMap() for serial in hits}
@@ -214,16 +223,23 @@ class _SeenPieces:
                 seen[index] = True
             else:
                 new.add(sequence)
-        additions.extend((serial, new) for serial, new in fresh.items() if new)
+        additions.extend((serial, new.to_array()) for serial, new in fresh.items() if new)
 
-    def apply(self, additions: list[tuple[int, BitMap]], stamp: int) -> None:
-        for serial, new in additions:
-            device = self.devices.get(serial)
+    def apply(self, additions: Sequence[tuple[int, Sequence[int]]], stamp: int) -> None:
+        devices = self.devices
+        for serial, sequences in additions:
+            device = devices.get(serial)
             if device is None:
-                device = self.devices[serial] = DeviceState(BitMap(), {})
-            device.bitmap |= new
+                device = devices[serial] = DeviceState(BitMap(), {})
             latest = device.latest
-            for chunk in _chunks(new):
+            if len(sequences) == 1:
+                device.bitmap.add(sequences[0])
+                chunks: Iterable[int] = (sequences[0] >> CHUNK_BITS,)
+            else:
+                device.bitmap.update(sequences)
+                low, high = min(sequences) >> CHUNK_BITS, max(sequences) >> CHUNK_BITS
+                chunks = (low,) if low == high else {q >> CHUNK_BITS for q in sequences}
+            for chunk in chunks:
                 if latest.get(chunk, -1) < stamp:
                     latest[chunk] = stamp
 
@@ -243,16 +259,6 @@ class _SeenPieces:
 
     def __len__(self) -> int:
         return sum(len(device.bitmap) for device in self.devices.values())
-
-
-def _chunks(bitmap: BitMap) -> list[int]:
-    """The chunks of sequences a non-empty bitmap touches."""
-    chunk, last = bitmap.min() >> CHUNK_BITS, bitmap.max() >> CHUNK_BITS
-    chunks = [chunk]
-    while chunk < last:
-        chunk = bitmap.next_set_bit((chunk + 1) << CHUNK_BITS) >> CHUNK_BITS
-        chunks.append(chunk)
-    return chunks
 
 
 class _Store:

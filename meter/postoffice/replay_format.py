@@ -11,8 +11,8 @@ import sys
 import zlib
 from array import array
 from collections.abc import Sequence
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 
 from pyroaring import BitMap
 
@@ -155,8 +155,7 @@ def encode_batch(additions: Sequence[tuple[int, Sequence[int]]], stamp: int) -> 
         [_COUNT.pack(len(additions)), _little(serials), _little(counts), _little(flat)]
     )
     return (
-        _sealed(_BATCH_HEAD.pack(BATCH_MAGIC, len(payload), stamp, zlib.crc32(payload)))
-        + payload
+        _sealed(_BATCH_HEAD.pack(BATCH_MAGIC, len(payload), stamp, zlib.crc32(payload))) + payload
     )
 
 
