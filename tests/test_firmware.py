@@ -12,7 +12,13 @@ from click.testing import CliRunner
 
 from meter.cli.home import Home
 from meter.cli.main import cli
-from meter.errors import AccessDenied, AuthenticationFailed, DeviceLocked, SessionActive
+from meter.errors import (
+    AccessDenied,
+    AuthenticationFailed,
+    DeviceLocked,
+    MeterError,
+    SessionActive,
+)
 from meter.indicium import FLAG_CORRECTION, RateCategory
 from meter.psd import IssueRequest
 from meter.psd.device import SIGNING_KEY_LABEL
@@ -160,11 +166,27 @@ def test_corrupt_register_mac_key_puts_the_device_in_the_error_state(
         assert "device-records" in psd.request_status()["error"]
 
 
-def test_withdrawn_device_refuses_to_issue(psd: PSD) -> None:
-    logon(psd, "provider")
-    psd.withdraw_psd()
-    assert psd.module_state() == ModuleState.WITHDRAWN
-    psd.power_down()
+def test_withdrawn_device_refuses_to_issue(device_home: Home, clock: Clock) -> None:
+    with PSD.power_up(device_home.open_device_token(), device_home.device, clock=clock) as psd:
+        logon(psd, "provider")
+        final = psd.withdraw_psd()
+        assert psd.module_state() == ModuleState.WITHDRAWN
+        assert final["descending"] == 100_000
+    with PSD.power_up(device_home.open_device_token(), device_home.device, clock=clock) as psd:
+        logon(psd, "customer")
+        with pytest.raises(DeviceLocked, match="withdrawn"):
+            psd.create_indicium(REQUEST)
+        assert psd.retrieve_psd_status()["piece_count"] == 0
+
+
+def test_key_exchange_key_is_made_once_in_the_token_and_cannot_sign(psd: PSD) -> None:
+    logon(psd, "key-custodian")
+    first, again = psd.key_exchange(), psd.key_exchange()
+    assert first["key_id"] == again["key_id"] and "PUBLIC KEY" in first["public_key_pem"]
+    attributes = psd.token.key_attributes("key-exchange", "private")
+    assert attributes["sensitive"] and not attributes["extractable"]
+    with pytest.raises(MeterError):
+        psd.token.sign("key-exchange", KeyAlgorithm.ECDSA_P256, b"not for signing")
 
 
 def test_status_without_logon_and_after(psd: PSD) -> None:

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import date
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import click
@@ -13,7 +14,7 @@ import click
 from meter.cli.home import Home
 from meter.errors import InvalidInput, MeterError
 
-__all__ = ["emit", "errors", "home_of", "parse_date"]
+__all__ = ["emit", "errors", "home_of", "parse_date", "parse_postage"]
 
 
 def home_of(ctx: click.Context) -> Home:
@@ -49,3 +50,15 @@ def parse_date(text: str | None) -> date | None:
         return date.fromisoformat(text)
     except ValueError as exc:
         raise InvalidInput(f"date '{text}' is not YYYY-MM-DD") from exc
+
+
+def parse_postage(text: str) -> int:
+    """Dollars ("0.73", "$1.234") to mills, exactly; more than 3 decimals is refused."""
+    try:
+        value = Decimal(text.strip().lstrip("$"))
+    except InvalidOperation as exc:
+        raise InvalidInput(f"postage '{text}' is not an amount in dollars (e.g. 0.73)") from exc
+    mills = value * 1000
+    if mills != mills.to_integral_value():
+        raise InvalidInput(f"postage '{text}' has more precision than a mill ($0.001)")
+    return int(mills)

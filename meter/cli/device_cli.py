@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import click
 
 from meter.cli import workflows
-from meter.cli.common import emit, errors, home_of
+from meter.cli.common import emit, errors, home_of, parse_postage
 from meter.cli.device_session import PASSWORD_VARIABLE, device
 from meter.cli.home import password_from_env
 from meter.errors import InvalidInput
@@ -69,6 +70,12 @@ _ABBREVIATIONS = {
 }
 
 
+def _run(ctx: click.Context, call: Callable[[PSD], dict[str, Any]]) -> None:
+    """Power up, log --user on, call one service, print its result, power down."""
+    with errors(ctx), device(ctx, home_of(ctx)) as psd:
+        _show(ctx, call(psd))
+
+
 def _show(ctx: click.Context, data: dict[str, Any]) -> None:
     emit(ctx, data, lambda: "\n".join(f"{k}: {_plain(v)}" for k, v in data.items()))
 
@@ -106,43 +113,37 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     def logoff(ctx: click.Context) -> None:
         """Logoff: end the session."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
-            _show(ctx, psd.logoff())
+        _run(ctx, PSD.logoff)
 
     @cli.command()
     @click.pass_context
     def session(ctx: click.Context) -> None:
         """Session Management: who is logged on, for how long, and the idle timeout."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
-            _show(ctx, psd.session_management())
+        _run(ctx, PSD.session_management)
 
     @cli.command()
     @click.pass_context
     def status(ctx: click.Context) -> None:
         """Request Status: user, module state, session, keys, registers, piece count, time."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
-            _show(ctx, psd.request_status())
+        _run(ctx, PSD.request_status)
 
     @cli.command("psd-status")
     @click.pass_context
     def psd_status(ctx: click.Context) -> None:
         """Retrieve PSD Status (Customer): registers and piece count."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
-            _show(ctx, psd.retrieve_psd_status())
+        _run(ctx, PSD.retrieve_psd_status)
 
     @cli.command("public-key")
     @click.pass_context
     def public_key(ctx: click.Context) -> None:
         """Retrieve PSD Public Key: the signing key and certificate (no logon needed)."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
-            _show(ctx, psd.retrieve_psd_public_key())
+        _run(ctx, PSD.retrieve_psd_public_key)
 
     @cli.command("device-audit")
     @click.pass_context
     def device_audit(ctx: click.Context) -> None:
         """Request Device Audit: rerun the self-tests and report the device's figures."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
-            _show(ctx, psd.request_device_audit())
+        _run(ctx, PSD.request_device_audit)
 
     @cli.group()
     def users() -> None:
@@ -187,8 +188,7 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     def users_delete(ctx: click.Context, user_id: str) -> None:
         """Delete User (Administrator): removes the user and their PIN slot."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
-            _show(ctx, psd.delete_user(user_id))
+        _run(ctx, lambda psd: psd.delete_user(user_id))
 
     @users.command("passwd")
     @click.pass_context
@@ -209,24 +209,21 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     def keys(ctx: click.Context, action: str) -> None:
         """Key Administration (Security Officer): the keys and their state."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
-            _show(ctx, psd.key_administration(action))
+        _run(ctx, lambda psd: psd.key_administration(action))
 
     @cli.command("authorize-administration")
     @click.option("--revoke", is_flag=True, help="Withdraw the authorization instead.")
     @click.pass_context
     def authorize_administration(ctx: click.Context, revoke: bool) -> None:
         """Administration Authorization (Security Officer): may administrators manage users?"""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
-            _show(ctx, psd.administration_authorization(not revoke))
+        _run(ctx, lambda psd: psd.administration_authorization(not revoke))
 
     @cli.command("update-psc")
     @click.argument("version")
     @click.pass_context
     def update_psc(ctx: click.Context, version: str) -> None:
         """Update PSC (Security Officer): record a newer firmware version."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
-            _show(ctx, psd.update_psc(version))
+        _run(ctx, lambda psd: psd.update_psc(version))
 
     @cli.command("set-clock")
     @click.argument("time")
@@ -270,16 +267,13 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     def authorize_customer(ctx: click.Context, account: str) -> None:
         """Authorize Customer (Provider): the customer account this device mails for."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
-            _show(ctx, psd.authorize_customer(account))
+        _run(ctx, lambda psd: psd.authorize_customer(account))
 
     @cli.command()
     @click.argument("amount")
     @click.pass_context
     def credit(ctx: click.Context, amount: str) -> None:
         """Download Postage Value (Provider): AMOUNT dollars from the provider, e.g. 100.00."""
-        from meter.cli.main import parse_postage
-
         with errors(ctx):
             home = home_of(ctx)
             with device(ctx, home) as psd:
@@ -299,15 +293,13 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     def withdraw(ctx: click.Context) -> None:
         """Withdraw PSD (Provider): take the device out of service for good."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
-            _show(ctx, psd.withdraw_psd())
+        _run(ctx, PSD.withdraw_psd)
 
     @cli.command("key-exchange")
     @click.pass_context
     def key_exchange(ctx: click.Context) -> None:
         """Key Exchange (Key Custodian): the device's key-agreement public key."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
-            _show(ctx, psd.key_exchange())
+        _run(ctx, PSD.key_exchange)
 
     @cli.command()
     @click.pass_context
@@ -349,8 +341,7 @@ def add_audit_commands(audit: click.Group) -> None:
     @click.pass_context
     def create_key(ctx: click.Context) -> None:
         """Create Audit Key (Security Officer): generated in the token, never leaves it."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
-            _show(ctx, psd.create_audit_key())
+        _run(ctx, PSD.create_audit_key)
 
     @audit.command("export-key")
     @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
@@ -399,20 +390,17 @@ def add_audit_commands(audit: click.Group) -> None:
     @click.pass_context
     def save(ctx: click.Context, path: Path) -> None:
         """Save the audit log with the chain's signature (Auditor)."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
-            _show(ctx, psd.save_audit_log(path))
+        _run(ctx, lambda psd: psd.save_audit_log(path))
 
     @audit.command("archive")
     @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
     @click.pass_context
     def archive(ctx: click.Context, path: Path) -> None:
         """Archive the records not archived yet to PATH (Auditor)."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
-            _show(ctx, psd.archive_audit_log(path))
+        _run(ctx, lambda psd: psd.archive_audit_log(path))
 
     @audit.command("delete")
     @click.pass_context
     def delete(ctx: click.Context) -> None:
         """Delete the records already archived (Auditor)."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
-            _show(ctx, psd.delete_audit_records())
+        _run(ctx, PSD.delete_audit_records)

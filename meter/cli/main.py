@@ -4,35 +4,22 @@ from __future__ import annotations
 
 import os
 import secrets
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
 import click
 
 from meter.cli import device_cli, postoffice_cli, provider_cli, workflows
-from meter.cli.common import emit, errors, home_of, parse_date
+from meter.cli.common import emit, errors, home_of, parse_date, parse_postage
 from meter.cli.device_session import device
 from meter.cli.home import PIN_VARIABLES, Home
 from meter.cli.postoffice_group import postoffice
-from meter.errors import ConfigurationError, InvalidInput
+from meter.errors import ConfigurationError
 from meter.indicium import RateCategory
 from meter.psd import IssueRequest
 from meter.token import KeyAlgorithm
 
 __all__ = ["cli", "main"]
-
-
-def parse_postage(text: str) -> int:
-    """Dollars ("0.73", "$1.234") to mills, exactly; more than 3 decimals is refused."""
-    try:
-        value = Decimal(text.strip().lstrip("$"))
-    except InvalidOperation as exc:
-        raise InvalidInput(f"postage '{text}' is not an amount in dollars (e.g. 0.73)") from exc
-    mills = value * 1000
-    if mills != mills.to_integral_value():
-        raise InvalidInput(f"postage '{text}' has more precision than a mill ($0.001)")
-    return int(mills)
 
 
 @click.group()

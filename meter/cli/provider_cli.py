@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 
 from meter.cli.common import emit, errors, home_of
+from meter.durable import write_atomically
 from meter.errors import ConfigurationError
 from meter.provider import Provider
 
@@ -40,7 +40,11 @@ def export_credited(ctx: click.Context, out: Path) -> None:
         home = home_of(ctx)
         with home.open_token("provider") as token:
             document = Provider.open(token, home.ledger).export_credited(datetime.now(UTC))
-        _write_atomically(out, json.dumps(document, indent=1, sort_keys=True) + "\n")
+        text = json.dumps(document, indent=1, sort_keys=True) + "\n"
+        try:  # whole or not at all: a post office never reads half an export
+            write_atomically(out, text.encode(), mode=0o644)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot write {out}: {exc.strerror}") from exc
         devices = document["devices"]
         assert isinstance(devices, dict)
         summary = {"out": str(out), "devices": len(devices), "total": sum(devices.values())}
@@ -49,18 +53,3 @@ def export_credited(ctx: click.Context, out: Path) -> None:
             summary,
             lambda: f"wrote {out}: credited totals of {len(devices)} devices, signed",
         )
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Whole or not at all: a post office never reads half an export."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ConfigurationError(f"cannot write {path}: {exc.strerror}") from exc

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,6 +25,7 @@ from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.ttfonts import TTFont
 from reportlab.pdfgen import canvas
 
+from meter.durable import stage, sync_directory
 from meter.errors import BarcodeError, InvalidInput
 from meter.label.barcode import QUIET_MODULES, ROW_MODULES, Symbol, pdf417_symbol
 
@@ -133,10 +133,10 @@ def write_label(label: RenderedLabel, png_path: Path, pdf_path: Path) -> None:
     png_path, pdf_path = Path(png_path), Path(pdf_path)
     if png_path.resolve() == pdf_path.resolve():
         raise InvalidInput(f"label: PNG and PDF would both be written to {png_path}")
-    staged: list[tuple[str, Path]] = []
+    staged: list[tuple[Path, Path]] = []
     try:
         for data, path in ((label.png, png_path), (label.pdf, pdf_path)):
-            staged.append((_stage(data, path), path))
+            staged.append((stage(path, data), path))
         for temp, path in staged:
             os.replace(temp, path)
     except BaseException:
@@ -144,32 +144,7 @@ def write_label(label: RenderedLabel, png_path: Path, pdf_path: Path) -> None:
             Path(temp).unlink(missing_ok=True)
         raise
     for directory in {png_path.parent, pdf_path.parent}:
-        _sync_directory(directory)
-
-
-def _stage(data: bytes, path: Path) -> str:
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return temp
-
-
-def _sync_directory(directory: Path) -> None:
-    """Make the renames durable; a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        sync_directory(directory)
 
 
 def _texts(info: LabelInfo) -> Iterable[str]:

@@ -57,6 +57,7 @@ from typing import NamedTuple, Protocol, Self, TypeVar
 
 from pyroaring import BitMap
 
+from meter.durable import sync_directory, write_atomically
 from meter.errors import InvalidInput, ReplayStoreError
 from meter.postoffice import replay_format as fmt
 from meter.postoffice.replay_format import CHUNK_BITS, DeviceState, FormatError
@@ -403,8 +404,8 @@ class EmbeddedReplayStore(_Store):
         generation = self._generation + 1
         snapshot = fmt.encode_snapshot(self._seen.devices, generation)
         try:
-            _replace(self._folder, SNAPSHOT_NAME, snapshot)
-            _replace(self._folder, JOURNAL_NAME, fmt.journal_header(generation))
+            write_atomically(self._folder / SNAPSHOT_NAME, snapshot)
+            write_atomically(self._folder / JOURNAL_NAME, fmt.journal_header(generation))
             journal_fd = _open_journal(self._folder)
         except OSError as exc:
             self._failure = f"compaction to generation {generation} failed: {exc.strerror}"
@@ -436,7 +437,7 @@ def _make_folder(folder: Path) -> None:
         return
     except OSError as exc:
         raise ReplayStoreError(f"replay store {folder}: cannot open: {exc.strerror}") from exc
-    _sync_folder(folder.parent)
+    sync_directory(folder.parent)
 
 
 def _lock(folder: Path, fd: int) -> None:
@@ -467,12 +468,12 @@ def _load(folder: Path) -> tuple[_SeenPieces, int, int]:
                     f"replay store {folder}: {JOURNAL_NAME} is missing next to {SNAPSHOT_NAME}; "
                     "the files were left as they are"
                 )
-            _replace(folder, JOURNAL_NAME, fmt.journal_header(0))
+            write_atomically(folder / JOURNAL_NAME, fmt.journal_header(0))
             return seen, 0, _open_journal(folder)
         journal_generation = _decoded(journal_path, fmt.decode_journal_header, journal)
         if journal_generation < generation:
             # A compaction stopped between its two renames: the snapshot holds it all.
-            _replace(folder, JOURNAL_NAME, fmt.journal_header(generation))
+            write_atomically(folder / JOURNAL_NAME, fmt.journal_header(generation))
             return seen, generation, _open_journal(folder)
         if journal_generation > generation:
             raise ReplayStoreError(
@@ -503,27 +504,6 @@ def _decoded(path: Path, decode: Callable[[bytes], _T], data: bytes) -> _T:
 
 def _open_journal(folder: Path) -> int:
     return os.open(folder / JOURNAL_NAME, os.O_RDWR | os.O_CLOEXEC)
-
-
-def _replace(folder: Path, name: str, data: bytes) -> None:
-    """Atomically replace folder/name with data: temporary file, fsync, rename, folder fsync."""
-    temporary = folder / f"{name}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        _write_all(fd, data, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, folder / name)
-    _sync_folder(folder)
-
-
-def _sync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes, offset: int) -> None:

@@ -61,7 +61,6 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -74,6 +73,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from meter.durable import sync_directory, write_atomically
 from meter.errors import ConfigurationError, InvalidInput
 
 __all__ = [
@@ -549,7 +549,7 @@ class AuditLog:
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
             if created:
-                _sync_directory(self._folder)
+                sync_directory(self._folder)
             stat = os.fstat(fd)
         except OSError as exc:
             # Not acknowledged: take back what reached the file.
@@ -593,7 +593,7 @@ class AuditLog:
 
     def _store(self, path: Path, data: bytes) -> None:
         try:
-            _write_file(path, data, overwrite=True)
+            write_atomically(path, data)
         except OSError as exc:
             raise ConfigurationError(f"{path}: cannot write: {exc.strerror or exc}") from exc
 
@@ -633,37 +633,11 @@ def _document(
 def _write_output(path: Path, data: bytes, overwrite: bool) -> None:
     """An export or archive file; unless ``overwrite``, never over an existing file."""
     try:
-        _write_file(path, data, overwrite)
+        write_atomically(path, data, overwrite=overwrite)
     except FileExistsError:
         raise InvalidInput(f"{path} exists already: choose a new archive file") from None
     except OSError as exc:
         raise InvalidInput(f"{path}: cannot write: {exc.strerror or exc}") from exc
-
-
-def _write_file(path: Path, data: bytes, overwrite: bool) -> None:
-    """Write ``data`` to ``path`` atomically and durably (temporary file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        if overwrite:
-            os.replace(temp, path)
-        else:
-            os.link(temp, path)  # FileExistsError rather than replacing
-        _sync_directory(path.parent)
-    finally:
-        Path(temp).unlink(missing_ok=True)
-
-
-def _sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- offline verification ----------------------------------------------------------

@@ -2,27 +2,25 @@
 
 What Authorize Customer, Administration Authorization, Key Administration,
 Set Clock, Update PSC and Withdraw PSD change. Like the registers, each
-change is a new MAC'd object (the next generation), made durable before the
-old one is destroyed. The object is public so that Request Status can show
+change is a new MAC'd generation (meter.psd.generations), made durable before
+the old one is destroyed. The object is public so that Request Status can show
 the state before anyone logs on; its MAC is checked whenever a user is
 logged on, and every service that relies on it runs logged on.
 """
 
 from __future__ import annotations
 
-import hmac as _hmac
 import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from meter.errors import RegisterCorrupt
-from meter.psd.register_store import MAC_KEY_LABEL
+from meter.psd.generations import MAC_LENGTH, Generations
 from meter.token import DataObject, Token
 
 __all__ = ["STATE_APPLICATION", "DeviceState", "DeviceStateStore"]
 
 STATE_APPLICATION = "meter.state"
-_MAC_LENGTH = 32
 
 
 @dataclass(frozen=True)
@@ -57,8 +55,10 @@ class DeviceState:
 class DeviceStateStore:
     """The current state object of the device in its token."""
 
-    def __init__(self, token: Token, current: DeviceState, obj: DataObject | None) -> None:
-        self._token = token
+    def __init__(
+        self, generations: Generations[DeviceState], current: DeviceState, obj: DataObject | None
+    ) -> None:
+        self._generations = generations
         self._current = current
         self._object = obj
 
@@ -69,42 +69,24 @@ class DeviceStateStore:
     @classmethod
     def read_unverified(cls, token: Token) -> DeviceState:
         """The newest state without its MAC checked: for display before anyone logs on."""
-        best = DeviceState()
-        for obj in token.data_objects(STATE_APPLICATION):
-            try:
-                state = DeviceState.parse(obj.value[:-_MAC_LENGTH])
-            except RegisterCorrupt:
-                continue
-            if state.generation > best.generation:
-                best = state
-        return best
+        states = [_parsed(obj.value[:-MAC_LENGTH]) for obj in token.data_objects(STATE_APPLICATION)]
+        return max(
+            (s for s in states if s is not None), key=lambda s: s.generation, default=DeviceState()
+        )
 
     @classmethod
     def open(cls, token: Token) -> DeviceStateStore:
         """The newest state whose MAC verifies (logged on); a device never given one starts fresh."""
-        objects = token.data_objects(STATE_APPLICATION)
-        best: tuple[DeviceState, DataObject] | None = None
-        for obj in objects:
-            body, mac = obj.value[:-_MAC_LENGTH], obj.value[-_MAC_LENGTH:]
-            if not _hmac.compare_digest(mac, token.hmac(MAC_KEY_LABEL, body)):
-                continue
-            try:
-                state = DeviceState.parse(body)
-            except RegisterCorrupt:
-                continue
-            if best is None or state.generation > best[0].generation:
-                best = (state, obj)
-        if best is None:
-            if objects:
-                raise RegisterCorrupt(
-                    f"{token.where}: no device state object with a valid MAC "
-                    f"({len(objects)} found); the device must not operate"
-                )
-            return cls(token, DeviceState(), None)
-        for obj in objects:
-            if obj is not best[1]:
-                token.destroy(obj)
-        return cls(token, best[0], best[1])
+        generations: Generations[DeviceState] = Generations(token, STATE_APPLICATION, private=False)
+        best, found = generations.newest(_parsed, lambda s: s.generation)
+        if best is not None:
+            return cls(generations, *best)
+        if found:
+            raise RegisterCorrupt(
+                f"{token.where}: no device state object with a valid MAC "
+                f"({found} found); the device must not operate"
+            )
+        return cls(generations, DeviceState(), None)
 
     def commit(self, new: DeviceState) -> None:
         if new.generation != self._current.generation + 1:
@@ -112,14 +94,13 @@ class DeviceStateStore:
                 f"device state update from generation {self._current.generation} to "
                 f"{new.generation} is out of order"
             )
-        body = new.body()
-        obj = self._token.create_data(
-            STATE_APPLICATION,
-            f"state-{new.generation}",
-            body + self._token.hmac(MAC_KEY_LABEL, body),
-            private=False,
-        )
-        self._token.make_durable()
+        obj = self._generations.write(f"state-{new.generation}", new.body())
         old, self._object, self._current = self._object, obj, new
-        if old is not None:
-            self._token.destroy(old)
+        self._generations.retire(old)
+
+
+def _parsed(body: bytes) -> DeviceState | None:
+    try:
+        return DeviceState.parse(body)
+    except RegisterCorrupt:
+        return None

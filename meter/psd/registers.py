@@ -122,8 +122,15 @@ class Registers:
                 f"register record has {len(record)} bytes, expected {RECORD_LENGTH}"
             )
         body, mac = record[:_BODY_LENGTH], record[_BODY_LENGTH:]
+        return cls.from_body(body), body, mac
+
+    @classmethod
+    def from_body(cls, body: bytes) -> Registers:
+        """The registers in a record's MAC'd body; RegisterCorrupt if unreadable."""
+        if len(body) != _BODY_LENGTH:
+            raise RegisterCorrupt(f"register body has {len(body)} bytes, expected {_BODY_LENGTH}")
         magic, version, *fields = struct.unpack(_FORMAT, body)
         if magic != _MAGIC or version != _VERSION:
             raise RegisterCorrupt("register record has an unknown magic or version")
         serial, generation, asc, desc, total, seq, nonce, credit_id = fields
-        return cls(serial, generation, asc, desc, total, seq, nonce, credit_id), body, mac
+        return cls(serial, generation, asc, desc, total, seq, nonce, credit_id)

@@ -28,6 +28,7 @@ from typing import TypeGuard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from meter.durable import write_atomically
 from meter.errors import AuthenticationFailed, ConfigurationError, InvalidInput, LockedOut
 from meter.psd.passwords import (
     MAX_LOG2_N,
@@ -447,32 +448,16 @@ class UserStore:
         path = self.path
         payload = {"format": FORMAT, "users": {u: records[u].to_json() for u in sorted(records)}}
         data = (json.dumps(payload, indent=2) + "\n").encode("utf-8")
-        # A writer that crashed between mkstemp and os.replace left its temporary file,
-        # which may hold a deleted user's slot: we hold the lock, so none is in use now.
+        # A writer that crashed between its temporary file and the rename left it behind,
+        # and it may hold a deleted user's slot: we hold the lock, so none is in use now.
         for stale in self._folder.glob(f".{FILE_NAME}.*.tmp"):
             stale.unlink(missing_ok=True)
-        tmp = self._folder / f".{FILE_NAME}.{os.getpid()}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
+            write_atomically(path, data)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise ConfigurationError(
                 f"{path}: cannot write the user store ({exc.strerror}); nothing was changed"
             ) from exc
-        _sync_directory(self._folder)
-
-
-def _sync_directory(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _associated_data(user_id: str, role: Role) -> bytes:

@@ -260,10 +260,18 @@ class Token:
 
     def generate_signing_keypair(self, label: str, algorithm: KeyAlgorithm) -> bytes:
         """Generate a non-extractable signing key pair in the token; return the public SPKI DER."""
+        return self._generate_keypair(label, algorithm, derive=False)
+
+    def _generate_keypair(self, label: str, algorithm: KeyAlgorithm, *, derive: bool) -> bytes:
+        """A key pair for signing, or with ``derive`` for key agreement only."""
         if self.has_key(label):
             raise TokenError(f"{self.where}: a key labelled '{label}' exists already")
         pub_t = self._public_template(label)
         priv_t = self._private_template(label)
+        if derive:
+            # Explicitly not for signatures: SoftHSM2 defaults CKA_SIGN to true.
+            pub_t[Attribute.VERIFY] = priv_t[Attribute.SIGN] = False
+            pub_t[Attribute.DERIVE] = priv_t[Attribute.DERIVE] = True
         if algorithm is KeyAlgorithm.RSA_PSS_2048:
             key_type, mechanism, length = KeyType.RSA, Mechanism.RSA_PKCS_KEY_PAIR_GEN, 2048
             pub_t[Attribute.PUBLIC_EXPONENT] = b"\x01\x00\x01"
@@ -271,7 +279,8 @@ class Token:
             key_type, mechanism, oid = _CURVES[algorithm]
             length = None
             pub_t[Attribute.EC_PARAMS] = encode_named_curve_parameters(oid)
-        with self._call(f"generate {algorithm} key pair '{label}'") as s:
+        purpose = "key-agreement" if derive else str(algorithm)
+        with self._call(f"generate {purpose} key pair '{label}'") as s:
             s.generate_keypair(
                 key_type,
                 length,
@@ -321,6 +330,8 @@ class Token:
         self._require_user(f"sign with key '{label}'")
         with self._call(f"sign with key '{label}'") as s:
             key = self._key(s, ObjectClass.PRIVATE_KEY, label)
+            if not hasattr(key, "sign"):  # python-pkcs11 offers sign() only with CKA_SIGN
+                raise TokenError(f"{self.where}: key '{label}' is not a signing key")
             if algorithm is KeyAlgorithm.ECDSA_P256:
                 return bytes(key.sign(hashlib.sha256(message).digest(), mechanism=Mechanism.ECDSA))
             if algorithm is KeyAlgorithm.ED25519:
@@ -335,26 +346,7 @@ class Token:
 
     def generate_key_exchange_keypair(self, label: str) -> bytes:
         """An ECDH P-256 key pair for key agreement (CKA_DERIVE), private half non-extractable."""
-        if self.has_key(label):
-            raise TokenError(f"{self.where}: a key labelled '{label}' exists already")
-        pub_t = self._public_template(label)
-        priv_t = self._private_template(label)
-        pub_t.pop(Attribute.VERIFY)
-        priv_t.pop(Attribute.SIGN)
-        pub_t[Attribute.DERIVE] = True
-        priv_t[Attribute.DERIVE] = True
-        key_type, mechanism, oid = _CURVES[KeyAlgorithm.ECDSA_P256]
-        pub_t[Attribute.EC_PARAMS] = encode_named_curve_parameters(oid)
-        with self._call(f"generate key-agreement key pair '{label}'") as s:
-            s.generate_keypair(
-                key_type,
-                None,
-                mechanism=mechanism,
-                public_template=pub_t,
-                private_template=priv_t,
-                store=True,
-            )
-        return self.public_key_spki(label)
+        return self._generate_keypair(label, KeyAlgorithm.ECDSA_P256, derive=True)
 
     def generate_hmac_key(self, label: str) -> None:
         """A 256-bit HMAC-SHA-256 key, generated in the token, sensitive and not extractable."""
