@@ -117,20 +117,22 @@ def _default_certs(home: Home) -> tuple[Path, list[Path]]:
     return root, [home.certs / "provider.pem", home.certs / "meter.pem"]
 
 
+root_opt = click.option(
+    "--root",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Postal root certificate (PEM; default HOME/certs/postal-root.pem).",
+)
+certs_opt = click.option(
+    "--certs",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    multiple=True,
+    help="Provider and meter certificates (PEM, any number).",
+)
+
+
 def register(cli: click.Group) -> None:
     """Add the post office's commands to the ``meter`` group."""
-    root_opt = click.option(
-        "--root",
-        type=click.Path(dir_okay=False, exists=True, path_type=Path),
-        default=None,
-        help="Postal root certificate (PEM).",
-    )
-    certs_opt = click.option(
-        "--certs",
-        type=click.Path(dir_okay=False, exists=True, path_type=Path),
-        multiple=True,
-        help="Provider and meter certificates (PEM, any number).",
-    )
     revoked_opt = click.option(
         "--revoked",
         type=click.Path(dir_okay=False, exists=True, path_type=Path),

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from meter.cli.common import emit, errors, home_of
-from meter.cli.postoffice_cli import ledger_path, open_ledger, trust_of
+from meter.cli.postoffice_cli import certs_opt, ledger_path, open_ledger, root_opt, trust_of
 from meter.cli.postoffice_group import postoffice
 from meter.errors import InvalidInput
 from meter.postoffice.reconcile import ReconciliationReport, load_credited, reconcile
@@ -31,18 +31,8 @@ FINDINGS_EXIT = 3  # the report holds findings: evidence of a tampered, rolled-b
     help="A provider's signed export of credited totals (`meter provider export-credited`); "
     "repeatable, one per provider.",
 )
-@click.option(
-    "--root",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None,
-    help="Postal root certificate the providers' certificates chain to (default: HOME/certs).",
-)
-@click.option(
-    "--certs",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    multiple=True,
-    help="Provider and meter certificates (PEM): the exports' signatures are checked with them.",
-)
+@root_opt
+@certs_opt
 @click.pass_context
 def reconcile_command(
     ctx: click.Context,
