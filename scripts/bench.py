@@ -52,6 +52,8 @@ def bench_meter(seconds: float) -> dict[str, Any]:
         for pair in PIN_VARIABLES.values():
             for var in pair:
                 os.environ.setdefault(var, f"bench-{var.lower()}")
+        for var, user in (("METER_ADMIN_PASSWORD", "admin"), ("METER_SO_PASSWORD", "security")):
+            os.environ.setdefault(var, workflows.development_password(user))
         home = Home.at(Path(tmp) / "home")
         workflows.init_home(home, workflows.InitOptions(device_serial=123456789012))
         workflows.credit(home, 2**39)

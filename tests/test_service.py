@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from meter.cli.workflows import label_info
 from meter.errors import CertificateError, ConfigurationError, ReplayStoreError
 from meter.indicium import Algorithm, RateCategory, decode
 from meter.label import render_label
+from meter.postoffice import EmbeddedReplayStore
 from meter.postoffice.service import ServiceConfig, create_app
 from meter.psd import IssueRequest
 
@@ -367,6 +369,23 @@ def test_pieces_are_remembered_across_restarts_and_reconciled(tmp_path: Path, ce
     )
 
 
+def test_the_store_forgets_expired_pieces_on_the_first_verification_of_a_day(
+    tmp_path: Path, certs: Path
+) -> None:
+    piece = signed(VECTORS, ECDSA, sequence=71, postage=730)
+    with TestClient(create_app(config(tmp_path))) as client:
+        assert verify_hex(client, piece).json()["verdict"] == "VALID"
+    store = config(tmp_path).store
+    with EmbeddedReplayStore.open(store) as replay:
+        assert len(replay) == 1
+    later = TODAY + timedelta(days=190)  # the piece's date of mailing is now out of the window
+    with TestClient(create_app(config(tmp_path, today=later))) as client:
+        assert verify_hex(client, b"\x00").status_code == 400  # any request of the day
+        assert verify_hex(client, piece).json()["verdict"] == "EXPIRED"
+    with EmbeddedReplayStore.open(store) as replay:
+        assert len(replay) == 0
+
+
 def test_reconciliation_reports_a_broken_register_chain(client: TestClient) -> None:
     pieces = [
         signed(VECTORS, ECDSA, sequence=71, ascending=100_000, descending=400_000, postage=730),
@@ -527,3 +546,15 @@ def test_service_on_redis(tmp_path: Path, certs: Path, kind: str) -> None:
         assert verify_hex(client, data).json()["verdict"] == "VALID"
         batch = client.post("/v1/verify-batch", json={"items": [data.hex()]})
         assert batch.json()["results"][0]["verdict"] == "DUPLICATE"
+
+
+def test_expire_command_forgets_pieces_past_the_window(tmp_path: Path, certs: Path) -> None:
+    with TestClient(create_app(config(tmp_path))) as client:
+        piece = signed(VECTORS, ECDSA, sequence=81, postage=730)
+        assert verify_hex(client, piece).json()["verdict"] == "VALID"
+    store = str(config(tmp_path).store)
+    args = ["--json", "postoffice", "expire", "--store", store, "--date"]
+    kept = CliRunner().invoke(cli, [*args, (TODAY + timedelta(days=30)).isoformat()], obj={})
+    assert kept.exit_code == 0 and json.loads(kept.output)["dropped"] == 0, kept.output
+    gone = CliRunner().invoke(cli, [*args, (TODAY + timedelta(days=190)).isoformat()], obj={})
+    assert gone.exit_code == 0 and json.loads(gone.output)["dropped"] == 1, gone.output

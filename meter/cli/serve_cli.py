@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 
-from meter.cli.common import emit, errors, home_of
+from meter.cli.common import emit, errors, home_of, parse_date
 from meter.cli.postoffice_cli import ledger_path
 from meter.cli.postoffice_group import postoffice
 from meter.errors import InvalidInput
+from meter.postoffice import open_replay_store
 from meter.postoffice.service_config import DEFAULT_MAX_UPLOAD, ServiceConfig
 
 __all__ = ["serve"]
@@ -99,3 +101,26 @@ def serve(
             ),
         )
         uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
+
+
+@postoffice.command()
+@click.option(
+    "--store",
+    default=None,
+    help="Replay store: an embedded store folder (default: the home's) or a redis:// URL.",
+)
+@click.option("--date", "on", default=None, help="Today, YYYY-MM-DD (default: today, UTC).")
+@click.pass_context
+def expire(ctx: click.Context, store: str | None, on: str | None) -> None:
+    """Forget the pieces mailed more than 183 days ago (the service does this once a day;
+    run it from cron for a site that only runs verify-batch). Redis expires keys itself."""
+    with errors(ctx):
+        today = parse_date(on) or datetime.now(UTC).date()
+        replay = open_replay_store(store or home_of(ctx).replay_store)
+        try:
+            dropped = replay.expire(today)
+        finally:
+            replay.close()
+        emit(
+            ctx, {"dropped": dropped, "date": today.isoformat()}, lambda: f"forgot {dropped} pieces"
+        )

@@ -325,6 +325,8 @@ class _Service:
         self.ledger = ledger
         self.counters = _Counters()
         self._ledger_problem: str | None = None
+        self._expired_on: date | None = None  # the day expiry last ran
+        self._expiry_lock = threading.Lock()
 
     @classmethod
     def start(cls, config: ServiceConfig) -> _Service:
@@ -344,13 +346,25 @@ class _Service:
     def today(self) -> date:
         return self.config.today or datetime.now(UTC).date()
 
+    def _expire_once_a_day(self, store: ReplayStore, today: date) -> None:
+        """Forget pieces past the 183-day window, on the first verification of each day."""
+        with self._expiry_lock:
+            if self._expired_on == today:
+                return
+            try:
+                store.expire(today)
+            except MeterError:
+                return  # the store is failing: the verification will say so; retry next time
+            self._expired_on = today
+
     async def verify(self, items: list[bytes]) -> tuple[list[VerificationResult], str | None]:
         """Verdicts in order, recorded in the ledger; the ledger's failure, if any, apart."""
 
         def work() -> list[VerificationResult]:
             trust, revocations = self.certs.current()
-            verifier = Verifier(trust, revocations, self.slot.get(), self.today())
-            return verifier.verify_batch(items)
+            store, today = self.slot.get(), self.today()
+            self._expire_once_a_day(store, today)
+            return Verifier(trust, revocations, store, today).verify_batch(items)
 
         results = await run_in_threadpool(work)
         self.slot.observe(results)
