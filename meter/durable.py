@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
-__all__ = ["stage", "sync_directory", "write_atomically"]
+__all__ = ["remove_abandoned", "stage", "sync_directory", "write_atomically"]
+
+_ORPHAN_AGE_S = 3600  # a temporary file that names no writer is abandoned after this
 
 
 def stage(path: Path, data: bytes, mode: int = 0o600) -> Path:
-    """Write ``data`` to a new synced temporary file beside ``path``; the caller renames it."""
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write ``data`` to a new synced temporary file beside ``path``; the caller renames it.
+
+    Its name, ``.NAME.PID.RANDOM.tmp``, says which process writes it, so that
+    `remove_abandoned` can tell one a killed writer left from one being written.
+    """
+    fd, temp = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+    )
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as out:
@@ -42,6 +51,37 @@ def write_atomically(path: Path, data: bytes, *, overwrite: bool = True, mode: i
     finally:
         temp.unlink(missing_ok=True)
     sync_directory(path.parent)
+
+
+def remove_abandoned(folder: Path) -> int:
+    """Remove the temporary files of `stage` in ``folder`` whose writer has exited; the count."""
+    removed = 0
+    for temp in Path(folder).glob(".*.tmp"):
+        parts = temp.name[: -len(".tmp")].rsplit(".", 2)
+        if len(parts) == 3 and parts[1].isdigit():
+            if _running(int(parts[1])):
+                continue
+        else:
+            try:  # not ours to judge by its name: only by its age
+                if time.time() - temp.stat().st_mtime < _ORPHAN_AGE_S:
+                    continue
+            except FileNotFoundError:
+                continue
+        temp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another account's process: alive
+    return True
 
 
 def sync_directory(directory: Path) -> None:

@@ -23,6 +23,10 @@ class TokenUnavailable(MeterError):
     """The token or its module cannot be reached now (busy, locked by another process): retry."""
 
 
+class DeviceNotRunning(TokenUnavailable):
+    """No device process answers on the home's socket: start it (``meter device serve``)."""
+
+
 class TokenError(MeterError):
     """The token refused an operation or holds something unexpected: do not retry blindly."""
 
@@ -86,6 +90,7 @@ __all__ = [
     "CertificateError",
     "ConfigurationError",
     "DeviceLocked",
+    "DeviceNotRunning",
     "IndiciumError",
     "InsufficientFunds",
     "InvalidInput",

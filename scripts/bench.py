@@ -9,7 +9,6 @@ raw ``cryptography`` P-256 verify.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -25,13 +24,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from meter.cli import workflows
+from meter.cli import provision, workflows
+from meter.cli.device_process import running_device
 from meter.cli.home import PIN_VARIABLES, Home
+from meter.host import DeviceClient
 from meter.indicium import RateCategory, decode
 from meter.pki.revocation import Revocations
 from meter.pki.trust import TrustStore
 from meter.postoffice import EmbeddedReplayStore, Verifier
-from meter.psd import IssueRequest, Meter
+from meter.protocol.issue import IssueRequest
 from meter.token import KeyAlgorithm
 
 VECTORS = Path(__file__).resolve().parents[1] / "tests" / "vectors" / "pim1-vectors-v1.json"
@@ -48,6 +49,12 @@ def rate(fn: Callable[[], int], seconds: float) -> float:
 
 
 def bench_meter(seconds: float) -> dict[str, Any]:
+    """Single-piece issuing through the device's socket, next to the same token's raw rates.
+
+    The home is provisioned with PINs the bench chooses (as a lab would), so that it
+    can also open the meter token itself, before and after the device runs, for the
+    raw create+destroy and sign rates of the very same token.
+    """
     with tempfile.TemporaryDirectory(prefix="meter-bench-") as tmp:
         for pair in PIN_VARIABLES.values():
             for var in pair:
@@ -55,43 +62,69 @@ def bench_meter(seconds: float) -> dict[str, Any]:
         for var, user in (("METER_ADMIN_PASSWORD", "admin"), ("METER_SO_PASSWORD", "security")):
             os.environ.setdefault(var, workflows.development_password(user))
         home = Home.at(Path(tmp) / "home")
-        workflows.init_home(home, workflows.InitOptions(device_serial=123456789012))
-        workflows.credit(home, 2**39)
-        with home.open_token("meter") as token:
-            digest = hashlib.sha256(b"x" * 84).digest()
-            sign = rate(
-                lambda: [token.sign("indicium-signing", KeyAlgorithm.ECDSA_P256, digest)] and 1,
-                seconds,
-            )
-
-            def create_destroy() -> int:
-                obj = token.create_data("bench", "bench", b"r" * 150)
-                token.destroy(obj)
-                return 1
-
-            create_destroy_rate = rate(create_destroy, seconds)
-            meter = Meter.open(token)
-            req = IssueRequest(
-                postage=730,
-                rate_category=RateCategory.FIRST_CLASS_LETTER,
-                origin_zip="94043",
-                destination_zip="62704",
-                address=["Jane Q. Public", "1234 Main St.", "Springfield, IL 62704"],
-            )
-            issue_rate = rate(lambda: [meter.issue(req)] and 1, seconds)
-            pieces = meter.registers.sequence
+        pins = provision.new_meter_pins()
+        provision.init_home(
+            home, provision.InitOptions(device_serial=123456789012), meter_pins=pins
+        )
+        raw_before = raw_token_rates(home, pins["user_pin"], seconds)
+        passwords = {
+            "admin": os.environ["METER_ADMIN_PASSWORD"],
+            "security": os.environ["METER_SO_PASSWORD"],
+        } | {user: workflows.development_password(user) for user, _ in workflows.DEMO_USERS}
+        req = IssueRequest(
+            postage=730,
+            rate_category=RateCategory.FIRST_CLASS_LETTER,
+            origin_zip="94043",
+            destination_zip="62704",
+            address=["Jane Q. Public", "1234 Main St.", "Springfield, IL 62704"],
+        )
+        with running_device(home):
+            workflows.setup_demo_device(home, passwords, 2**39)
+            with DeviceClient(home.socket) as client:
+                client.logon("customer", passwords["customer"])
+                issue_rate = rate(lambda: [client.issue(req)] and 1, seconds)
+                pieces = client.get("/v1/psd-status")["piece_count"]
+            with DeviceClient(home.socket) as anybody:
+                status_rate = rate(lambda: [anybody.get("/v1/status")] and 1, seconds)
+        raw_after = raw_token_rates(home, pins["user_pin"], seconds)
+        create_destroy = (raw_before["create_destroy"] + raw_after["create_destroy"]) / 2
         return {
             "raw_token": {
-                "sign_per_s": round(sign, 1),
-                "create_destroy_per_s": round(create_destroy_rate, 1),
+                "sign_per_s": round((raw_before["sign"] + raw_after["sign"]) / 2, 1),
+                "create_destroy_per_s": round(create_destroy, 1),
+                "create_destroy_before_and_after_per_s": [
+                    round(raw_before["create_destroy"], 1),
+                    round(raw_after["create_destroy"], 1),
+                ],
             },
             "issue_single": {
                 "per_s": round(issue_rate, 1),
-                "ratio_to_create_destroy": round(issue_rate / create_destroy_rate, 3),
+                "ratio_to_create_destroy": round(issue_rate / create_destroy, 3),
                 "target_ratio": 0.8,
                 "pieces": pieces,
+                "path": "client -> device socket -> firmware -> token, one piece per request",
+            },
+            "status_no_role": {
+                "per_s": round(status_rate, 1),
+                "round_trip_ms": round(1000 / status_rate, 3),
             },
         }
+
+
+def raw_token_rates(home: Home, pin: str, seconds: float) -> dict[str, float]:
+    """The meter token's own sign and create+destroy rates (the device is not running)."""
+    with home.open_token("meter", pin) as token:
+        sign = rate(
+            lambda: [token.sign("indicium-signing", KeyAlgorithm.ECDSA_P256, b"x" * 84)] and 1,
+            seconds,
+        )
+
+        def create_destroy() -> int:
+            obj = token.create_data("bench", "bench", b"r" * 150)
+            token.destroy(obj)
+            return 1
+
+        return {"sign": sign, "create_destroy": rate(create_destroy, seconds)}
 
 
 def sample_indicia(count: int) -> tuple[list[bytes], TrustStore, datetime]:
@@ -206,9 +239,14 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, float, str]]:
                 "",
             ),
             (
-                "meter issue, one durable debit each",
+                "meter issue through the device socket, one durable debit each",
                 report["issue_single"]["per_s"],
                 f"{report['issue_single']['ratio_to_create_destroy']:.2f} x create+destroy (target 0.8)",
+            ),
+            (
+                "No-Role Request Status through the socket",
+                report["status_no_role"]["per_s"],
+                f"{report['status_no_role']['round_trip_ms']:.2f} ms a round trip",
             ),
         ]
     if "verify_bytes" in report:

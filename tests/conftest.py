@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from meter.cli.home import PIN_VARIABLES, Home
-from meter.token import load_profile
+from meter.protocol.credit import CreditGrant, CreditRequest
+from meter.token import Token, load_profile
 
 SOFTHSM_MODULE = load_profile().module
 TEST_PINS = {
     var: f"test-{var.lower().replace('_', '-')}" for pair in PIN_VARIABLES.values() for var in pair
 }
+# The meter token's PINs are no environment variable: tests provision with these, as a lab
+# would, so that a test can open the token itself to check what the device did.
+TEST_METER_PINS = {"user_pin": "test-meter-user-pin", "so_pin": "test-meter-so-pin"}
 
 
 def require_service(available: bool, what: str) -> None:
@@ -39,11 +44,8 @@ TEST_POLICY = "[password]\nscrypt_log2_n = 14\n"
 
 @pytest.fixture
 def home(softhsm: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Home]:
-    """A new, empty meter home with the test PINs and first passwords in the environment.
-
-    The meter PINs in the environment stand for a lab provisioning station:
-    tests open the meter token directly as well as through users' logons.
-    """
+    """A new, empty meter home with the provider's and postal root's test PINs and the
+    first passwords in the environment."""
     for var, pin in TEST_PINS.items():
         monkeypatch.setenv(var, pin)
     for var, password in TEST_PASSWORDS.items():
@@ -57,10 +59,17 @@ def home(softhsm: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
 @pytest.fixture
 def provisioned(home: Home) -> Home:
     """A home with postal root, provider and a certified ECDSA meter, no credit yet."""
-    from meter.cli import workflows
+    from meter.cli import provision
 
-    workflows.init_home(home, workflows.InitOptions(device_serial=983973031309))
+    provision.init_home(
+        home, provision.InitOptions(device_serial=983973031309), meter_pins=TEST_METER_PINS
+    )
     return home
+
+
+def open_meter_token(home: Home) -> Token:
+    """The meter's token, logged in with the lab's PIN: for checking what the device did."""
+    return home.open_token("meter", TEST_METER_PINS["user_pin"])
 
 
 # One user per role on a set-up device; passwords meet the default policy.
@@ -75,11 +84,52 @@ ROLE_USERS: dict[str, tuple[str, str]] = {
 }
 
 
+def set_up(home: Home, credit_mills: int = 100_000) -> None:
+    """In the firmware itself (no device process): a user per role, an audit key,
+    administration and a customer authorized, and credit from the home's provider."""
+    from meter.cli import workflows
+    from meter.psd.firmware import PSD
+
+    passwords = dict(ROLE_USERS.values())
+    with PSD.power_up(home.open_device_token(), home.device) as psd:
+        psd.logon("security", passwords["security"])
+        psd.administration_authorization(True)
+        psd.create_audit_key()
+        psd.logoff()
+        psd.logon("admin", passwords["admin"])
+        for user_id, role in workflows.DEMO_USERS:
+            psd.create_user(user_id, role, passwords[user_id])
+        psd.logoff()
+        psd.logon("provider", passwords["provider"])
+        psd.authorize_customer(workflows.DEMO_CUSTOMER)
+        if credit_mills:
+            psd.download_postage_value(local_grant(home, credit_mills))
+
+
+def local_grant(home: Home, amount: int) -> Callable[[CreditRequest], CreditGrant]:
+    """The home's development provider granting ``amount`` for a request (its own token)."""
+    from meter.provider import Provider
+
+    def obtain(request: CreditRequest) -> CreditGrant:
+        with home.open_token("provider") as token:
+            return Provider.open(token, home.ledger).grant_credit(
+                request, amount, datetime.now(UTC).replace(microsecond=0)
+            )
+
+    return obtain
+
+
 @pytest.fixture
 def device_home(provisioned: Home) -> Home:
     """A certified meter with a user per role, an audit key, an authorized customer, $100."""
-    from meter.cli import workflows
-
-    passwords = dict(ROLE_USERS.values())
-    workflows.setup_demo_device(provisioned, passwords, workflows.InitOptions(0), 100_000)
+    set_up(provisioned)
     return provisioned
+
+
+@pytest.fixture
+def running(device_home: Home) -> Iterator[Home]:
+    """``device_home`` with its device process running (stopped after the test)."""
+    from meter.cli.device_process import running_device
+
+    with running_device(device_home):
+        yield device_home

@@ -24,6 +24,7 @@ from meter.indicium import RateCategory, decode
 from meter.label import render_label
 from meter.postoffice.service import ServiceConfig, create_app
 from meter.psd import IssueRequest
+from tests import _direct as direct
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -97,7 +98,7 @@ def browser() -> Iterator[object]:
 
 
 def issue_label(home: Home) -> Path:
-    workflows.credit(home, 10_000)
+    direct.credit(home, 10_000)
     request = IssueRequest(
         postage=730,
         rate_category=RateCategory.FIRST_CLASS_LETTER,
@@ -107,7 +108,7 @@ def issue_label(home: Home) -> Path:
         delivery_point="23",
         address=ADDRESS,
     )
-    return workflows.issue(home, request).png
+    return direct.issue_label(home, request)
 
 
 def altered_label(genuine: Path, out: Path) -> Path:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from meter.cli.device_process import running_device
 from meter.cli.home import PIN_VARIABLES, Home
 from meter.cli.main import cli
 from meter.indicium import decode
@@ -55,22 +56,16 @@ def test_demo_prints_label_indicium_verdict_and_certificates(
         if var.isupper():
             monkeypatch.setenv(var, value)
     monkeypatch.setenv("METER_PASSWORD", str(creds["password of customer"]))
-    issued = run(
-        tmp_path / "demo",
-        "--user",
-        "customer",
-        "issue",
-        "--postage",
-        "1.20",
-        "--rate",
-        "priority",
-        "--from-zip",
-        "94043",
-        "--to-zip",
-        "10001",
-        "--to",
-        "ACME|PO Box 42",
-    )
+    # The demo started its device and stopped it again.
+    demo_home = Home.at(tmp_path / "demo")
+    assert not demo_home.socket.exists()
+    assert "no device is running" in str(run(demo_home.path, "status", ok=False)["message"])
+    with running_device(demo_home):
+        issued = run(
+            *(demo_home.path, "--user", "customer", "issue", "--postage", "1.20"),
+            *("--rate", "priority", "--from-zip", "94043", "--to-zip", "10001"),
+            *("--to", "ACME|PO Box 42"),
+        )
     assert decode(bytes.fromhex(str(issued["indicium_hex"]))).sequence == 2
     # Re-running the demo without the PINs is refused clearly; the home is untouched.
     for var in creds:
@@ -79,8 +74,8 @@ def test_demo_prints_label_indicium_verdict_and_certificates(
     assert result.exit_code == 1 and "export the development credentials" in result.output
 
 
-def test_issue_verify_and_duplicate(device_home: Home) -> None:
-    h = device_home.path
+def test_issue_verify_and_duplicate(running: Home) -> None:
+    h = running.path
     run(h, "credit", "20.00", role="provider")
     issued = run(
         h,
@@ -123,25 +118,24 @@ def test_issue_verify_and_duplicate(device_home: Home) -> None:
     assert denied["error"] == "AccessDenied" and "Provider" in str(denied["message"])
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--postage", "0"], "postage 0 mills"),
-        (["--postage", "0.7305"], "more precision than a mill"),
-        (["--postage", "abc"], "not an amount"),
-        (["--postage", "0.73", "--rate", "pigeon"], "first-class-letter"),
-        (["--postage", "0.73", "--date", "2026-13-01"], "not YYYY-MM-DD"),
-        (["--postage", "9999.00"], "exceeds the descending register"),
-    ],
-)
-def test_issue_errors_are_clear_and_change_nothing(
-    device_home: Home, args: list[str], message: str
-) -> None:
-    h = device_home.path
+BAD_ISSUES = [
+    (["--postage", "0"], "postage 0 mills"),
+    (["--postage", "0.7305"], "more precision than a mill"),
+    (["--postage", "abc"], "not an amount"),
+    (["--postage", "0.73", "--rate", "pigeon"], "first-class-letter"),
+    (["--postage", "0.73", "--date", "2026-13-01"], "not YYYY-MM-DD"),
+    (["--postage", "9999.00"], "exceeds the descending register"),
+    (["--postage", "0.73", "--to", "Jane\u0007Doe|1 Main St"], "cannot be printed"),
+]
+
+
+def test_issue_errors_are_clear_and_change_nothing(running: Home) -> None:
+    h = running.path
     base = ["issue", "--from-zip", "94043", "--to-zip", "62704", "--to", "X"]
-    err = run(h, *base, *args, ok=False, role="customer")
-    assert message in str(err["message"])
-    assert run(h, "psd-status", role="customer")["piece_count"] == 0
+    for args, message in BAD_ISSUES:
+        err = run(h, *base, *args, ok=False, role="customer")
+        assert message in str(err["message"]), (args, err)
+        assert run(h, "psd-status", role="customer")["piece_count"] == 0, args
 
 
 def test_verify_batch_gives_every_vector_its_verdict(softhsm: None, tmp_path: Path) -> None:
@@ -185,9 +179,9 @@ def test_verify_batch_gives_every_vector_its_verdict(softhsm: None, tmp_path: Pa
 
 
 def test_verify_batch_reads_label_images_and_reports_unreadable_ones(
-    device_home: Home, tmp_path: Path
+    running: Home, tmp_path: Path
 ) -> None:
-    h = device_home.path
+    h = running.path
     issued = run(
         h,
         "issue",

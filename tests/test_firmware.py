@@ -25,7 +25,7 @@ from meter.psd.device import SIGNING_KEY_LABEL
 from meter.psd.firmware import PSD, ModuleState
 from meter.psd.register_store import MAC_KEY_LABEL
 from meter.token import KeyAlgorithm
-from tests.conftest import ROLE_USERS, TEST_PINS
+from tests.conftest import ROLE_USERS, TEST_METER_PINS, open_meter_token
 
 pytestmark = pytest.mark.softhsm
 
@@ -136,7 +136,7 @@ def test_correction_indicium_refers_to_the_original_piece(psd: PSD) -> None:
 def test_swapped_signing_key_puts_the_device_in_the_error_state(
     device_home: Home, clock: Clock
 ) -> None:
-    with device_home.open_token("meter", TEST_PINS["METER_USER_PIN"]) as token:
+    with open_meter_token(device_home) as token:
         token.destroy_key(SIGNING_KEY_LABEL)
         token.generate_signing_keypair(SIGNING_KEY_LABEL, KeyAlgorithm.ECDSA_P256)
     with PSD.power_up(device_home.open_device_token(), device_home.device, clock=clock) as psd:
@@ -153,7 +153,7 @@ def test_swapped_signing_key_puts_the_device_in_the_error_state(
 def test_corrupt_register_mac_key_puts_the_device_in_the_error_state(
     device_home: Home, clock: Clock
 ) -> None:
-    with device_home.open_token("meter", TEST_PINS["METER_USER_PIN"]) as token:
+    with open_meter_token(device_home) as token:
         token.destroy_key(MAC_KEY_LABEL)
         token.generate_hmac_key(MAC_KEY_LABEL)
     with PSD.power_up(device_home.open_device_token(), device_home.device, clock=clock) as psd:
@@ -192,22 +192,29 @@ def test_key_exchange_key_is_made_once_in_the_token_and_cannot_sign(psd: PSD) ->
 def test_status_without_logon_and_after(psd: PSD) -> None:
     status = psd.request_status()
     assert status["role"] == "no-role" and status["registers"] is None
-    assert status["module_state"] == ModuleState.AUTHORIZED
+    # Until a logon unlocks the token the private records are out of reach.
+    assert status["module_state"] == ModuleState.LOCKED and status["unlocked"] is False
     assert status["self_tests"]["passed"] is True
     logon(psd, "auditor")
     status = psd.request_status()
     assert (status["user_id"], status["role"]) == ("auditor", "auditor")
+    assert status["module_state"] == ModuleState.AUTHORIZED
     assert status["registers"]["descending"] == 100_000
     assert status["keys"]["audit-signing"]["present"] is True
     assert status["keys"]["indicium-signing"]["extractable"] is False
     assert status["session"]["open"] is True
+    psd.logoff()
+    # The device stays unlocked after the session; No-Role still sees no registers.
+    status = psd.request_status()
+    assert status["module_state"] == ModuleState.AUTHORIZED and status["registers"] is None
+    assert status["unlocked"] is True and psd.token.login_state == "user"
 
 
 def test_no_secret_reaches_the_users_file_or_the_audit_log(psd: PSD, device_home: Home) -> None:
     logon(psd, "customer")
     psd.create_indicium(REQUEST)
     psd.power_down()
-    secrets = [TEST_PINS["METER_USER_PIN"], TEST_PINS["METER_SO_PIN"]]
+    secrets = list(TEST_METER_PINS.values())
     secrets += [password for _, password in ROLE_USERS.values()]
     for path in device_home.device.rglob("*"):
         if path.is_file():
@@ -222,7 +229,7 @@ def test_audit_log_saved_and_verified_offline_with_the_public_key(
     logon(psd, "auditor")
     key = psd.export_audit_key()
     (tmp_path / "audit.pem").write_text(key["public_key_pem"])
-    psd.save_audit_log(tmp_path / "audit.json")
+    (tmp_path / "audit.json").write_text(psd.save_audit_log()["document"])
     psd.logoff()
     runner = CliRunner()
     args = ["audit", "verify", str(tmp_path / "audit.json"), "--key", str(tmp_path / "audit.pem")]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
-from meter.cli import workflows
+from meter.cli import provision
 from meter.cli.home import Home
 from meter.errors import (
     AuthenticationFailed,
@@ -29,6 +29,8 @@ from meter.provider import Provider
 from meter.psd import IssueRequest, Meter
 from meter.psd.register_store import MAC_KEY_LABEL
 from meter.token import KeyAlgorithm
+from tests import _direct as direct
+from tests.conftest import TEST_METER_PINS, open_meter_token
 
 ADDRESS = ["Jane Q. Public", "1234 Main St.", "Springfield, IL 62704"]
 
@@ -56,7 +58,7 @@ def verifier_for(home: Home, today: date | None = None) -> Verifier:
 
 
 def test_private_and_secret_keys_are_sensitive_and_never_extractable(provisioned: Home) -> None:
-    with provisioned.open_token("meter") as token:
+    with open_meter_token(provisioned) as token:
         for label, kind in (("indicium-signing", "private"), (MAC_KEY_LABEL, "secret")):
             attrs = token.key_attributes(label, kind)  # type: ignore[arg-type]
             assert attrs == {
@@ -74,15 +76,17 @@ def test_private_and_secret_keys_are_sensitive_and_never_extractable(provisioned
 def test_issued_indicium_is_signed_in_the_token_and_verifies(
     home: Home, algorithm: KeyAlgorithm
 ) -> None:
-    workflows.init_home(
-        home, workflows.InitOptions(device_serial=555000111222, algorithm=algorithm)
+    provision.init_home(
+        home,
+        provision.InitOptions(device_serial=555000111222, algorithm=algorithm),
+        meter_pins=TEST_METER_PINS,
     )
-    workflows.credit(home, 50_000)
-    issued = workflows.issue(home, request())
-    data = issued.indicium.to_bytes()
+    direct.credit(home, 50_000)
+    issued = direct.issue(home, request())
+    data = issued.to_bytes()
     assert len(data) == (340 if algorithm is KeyAlgorithm.RSA_PSS_2048 else 148)
     ind = decode(data)
-    assert ind == issued.indicium
+    assert ind == issued
     assert (ind.sequence, ind.ascending, ind.descending, ind.postage) == (1, 730, 49_270, 730)
     assert ind.address_digest == address_digest(ADDRESS)
     assert ind.destination == "62704123423"
@@ -97,7 +101,7 @@ def test_issued_indicium_is_signed_in_the_token_and_verifies(
 
 class provisioned_meter:
     def __init__(self, home: Home) -> None:
-        self.token = home.open_token("meter")
+        self.token = open_meter_token(home)
 
     def __enter__(self) -> Meter:
         return Meter.open(self.token)
@@ -138,10 +142,10 @@ def registers_of(home: Home) -> tuple[int, int, int, int]:
 def test_bad_requests_get_a_clear_error_and_change_nothing(
     provisioned: Home, changes: dict[str, object], error: type[Exception], message: str
 ) -> None:
-    workflows.credit(provisioned, 100_000)
+    direct.credit(provisioned, 100_000)
     before = registers_of(provisioned)
     with pytest.raises(error, match=message):
-        workflows.issue(provisioned, request(**changes))
+        direct.issue(provisioned, request(**changes))
     assert registers_of(provisioned) == before
     assert not list(provisioned.labels.glob("*")) if provisioned.labels.exists() else True
 
@@ -152,31 +156,29 @@ def test_unknown_rate_category_is_refused() -> None:
 
 
 def test_advance_dating_up_to_the_limit_specimen_and_correction(provisioned: Home) -> None:
-    workflows.credit(provisioned, 10_000)
+    direct.credit(provisioned, 10_000)
     v = verifier_for(provisioned)
-    ahead = workflows.issue(
+    ahead = direct.issue(
         provisioned, request(date_of_mailing=datetime.now(UTC).date() + timedelta(days=10))
     )
-    assert ahead.indicium.date_of_mailing - ahead.indicium.time_of_issue.date() == timedelta(
-        days=10
-    )
-    assert v.verify(ahead.indicium.to_bytes()).verdict is Verdict.NOT_YET_VALID  # too early to mail
-    specimen = workflows.issue(provisioned, request(postage=0, specimen=True)).indicium
+    assert ahead.date_of_mailing - ahead.time_of_issue.date() == timedelta(days=10)
+    assert v.verify(ahead.to_bytes()).verdict is Verdict.NOT_YET_VALID  # too early to mail
+    specimen = direct.issue(provisioned, request(postage=0, specimen=True))
     assert specimen.is_specimen and specimen.postage == 0 and specimen.sequence == 2
     assert v.verify(specimen.to_bytes()).verdict is Verdict.SPECIMEN
-    first = workflows.issue(provisioned, request()).indicium
-    fix = workflows.issue(provisioned, request(postage=100, correction_of=first.sequence)).indicium
+    first = direct.issue(provisioned, request())
+    fix = direct.issue(provisioned, request(postage=100, correction_of=first.sequence))
     assert fix.is_correction and fix.reference_sequence == first.sequence == fix.sequence - 1
     assert v.verify(fix.to_bytes()).verdict is Verdict.VALID
     assert registers_of(provisioned) == (730 + 730 + 100, 10_000 - 1_560, 10_000, 4)
 
 
 def test_postage_cannot_exceed_the_descending_register(provisioned: Home) -> None:
-    workflows.credit(provisioned, 1_000)
-    workflows.issue(provisioned, request(postage=730))
+    direct.credit(provisioned, 1_000)
+    direct.issue(provisioned, request(postage=730))
     with pytest.raises(InsufficientFunds):
-        workflows.issue(provisioned, request(postage=271))
-    workflows.issue(provisioned, request(postage=270))
+        direct.issue(provisioned, request(postage=271))
+    direct.issue(provisioned, request(postage=270))
     assert registers_of(provisioned) == (1_000, 0, 1_000, 2)
 
 
@@ -213,54 +215,52 @@ def test_wrong_pin_missing_home_and_token_in_use(provisioned: Home, tmp_path: Pa
     with pytest.raises(AuthenticationFailed, match="wrong PIN"):
         provisioned.open_token("meter", pin="not-the-pin")
     with pytest.raises(ConfigurationError, match="not a meter home"):
-        Home.at(tmp_path / "nowhere").open_token("meter")
-    with provisioned.open_token("meter"), pytest.raises(TokenUnavailable, match="in use"):
-        provisioned.open_token("meter")
+        Home.at(tmp_path / "nowhere").open_token("meter", pin="x")
+    with open_meter_token(provisioned), pytest.raises(TokenUnavailable, match="in use"):
+        open_meter_token(provisioned)
 
 
 def test_registers_survive_reopen_and_stale_records_are_cleaned(provisioned: Home) -> None:
-    workflows.credit(provisioned, 3_000)
-    workflows.issue(provisioned, request())
-    with provisioned.open_token("meter") as token:
+    direct.credit(provisioned, 3_000)
+    direct.issue(provisioned, request())
+    with open_meter_token(provisioned) as token:
         from meter.psd.register_store import APPLICATION
 
+        # The generation before the current one stays until the next commit ...
         records = token.data_objects(APPLICATION)
-        assert len(records) == 1
-        # A crash between "create new" and "destroy old" leaves two records; the
-        # older generation is removed on open and the newer one wins.
-        token.create_data(APPLICATION, "stale", records[0].value[:-1] + b"\x00")
+        assert len(records) == 2
+        # ... and goes when the records are opened: only the newest valid one is kept.
         meter = Meter.open(token)
         assert meter.registers.sequence == 1
         assert len(token.data_objects(APPLICATION)) == 1
+        meter.issue(request())
+        meter.issue(request())
+        assert len(token.data_objects(APPLICATION)) == 2
+        # A crash between "create new" and "destroy old" leaves a damaged or older
+        # record; on open the newest valid generation wins and the rest are removed.
+        token.create_data(APPLICATION, "stale", records[0].value[:-1] + b"\x00")
+        meter = Meter.open(token)
+        assert meter.registers.sequence == 3
+        assert len(token.data_objects(APPLICATION)) == 1
 
 
-def test_demo_home_is_refused_without_its_pins(
-    provisioned: Home, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delenv("METER_USER_PIN")
-    with pytest.raises(ConfigurationError, match="METER_USER_PIN"):
+def test_the_meter_token_opens_only_with_a_pin_given_by_the_caller(provisioned: Home) -> None:
+    # No environment variable holds the meter's PIN: outside provisioning only the
+    # device (which unseals it from a user's slot) can open the token logged in.
+    with pytest.raises(ConfigurationError, match="sealed in its users' slots"):
         provisioned.open_token("meter")
-
-
-def test_an_address_the_label_cannot_print_is_refused_before_the_debit(provisioned: Home) -> None:
-    workflows.credit(provisioned, 10_000)
-    with pytest.raises(InvalidInput, match="cannot be printed"):
-        workflows.issue(provisioned, request(address=["Jane\u0007Doe", "1 Main St"]))
-    with pytest.raises(InvalidInput):
-        workflows.issue(provisioned, request(address=[f"line {i}" for i in range(20)]))
-    assert registers_of(provisioned) == (0, 10_000, 10_000, 0)
 
 
 @pytest.mark.parametrize("what", ["objects", "everything"])
 def test_a_corrupt_token_gives_a_clear_error(provisioned: Home, what: str) -> None:
-    workflows.credit(provisioned, 1_000)
+    direct.credit(provisioned, 1_000)
     for path in (provisioned.path / "tokens").glob("*/*.object"):
         if what == "objects" and path.name == "token.object":
             continue
         path.write_bytes(bytes(reversed(path.read_bytes())))
     with (
         pytest.raises((TokenError, ConfigurationError, RegisterCorrupt), match="token 'meter'"),
-        provisioned.open_token("meter") as token,
+        open_meter_token(provisioned) as token,
     ):
         Meter.open(token)
 
@@ -268,5 +268,5 @@ def test_a_corrupt_token_gives_a_clear_error(provisioned: Home, what: str) -> No
 def test_a_moved_home_still_finds_its_own_tokens(provisioned: Home, tmp_path: Path) -> None:
     moved = tmp_path / "moved"
     provisioned.path.rename(moved)
-    with Home.at(moved).open_token("meter") as token:
+    with open_meter_token(Home.at(moved)) as token:
         assert Meter.open(token).identity.device_serial == 983973031309

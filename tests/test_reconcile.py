@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import sqlite3
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +14,7 @@ import pytest
 from _vectors import signed
 from click.testing import CliRunner
 
+from meter.cli.device_process import running_device
 from meter.cli.home import Home
 from meter.cli.main import cli
 from meter.errors import ConfigurationError, InvalidInput
@@ -318,10 +316,11 @@ def test_credit_issue_verify_export_reconcile_then_roll_the_meter_back(
     device_home: Home, tmp_path: Path
 ) -> None:
     h = device_home.path  # credited $100.000 by its provider
-    first = issue(h, "0.73")
-    snapshot = tmp_path / "tokens-after-piece-1"
-    shutil.copytree(h / "tokens", snapshot)
-    later = [issue(h, "0.50"), issue(h, "1.20")]
+    with running_device(device_home):
+        first = issue(h, "0.73")
+        snapshot = tmp_path / "tokens-after-piece-1"
+        shutil.copytree(h / "tokens", snapshot)
+        later = [issue(h, "0.50"), issue(h, "1.20")]
     assert verify_all(h, [first, *later], tmp_path) == ["VALID"] * 3
 
     credited = tmp_path / "credited.json"
@@ -340,34 +339,18 @@ def test_credit_issue_verify_export_reconcile_then_roll_the_meter_back(
     err = run(h, "postoffice", "reconcile", "--credited", str(forged), exit_code=1)
     assert "does not verify" in str(err["message"])
 
-    # Root copies the token files back: the meter forgets pieces 2 and 3 and reissues them.
-    # The meter starts afresh (a new process) on the old files, as after a reboot: this
-    # process's SoftHSM2 still holds the newer objects in memory.
+    # Root copies the token files back while the device is stopped: the meter forgets
+    # pieces 2 and 3 and, started again, reissues piece 2.
     shutil.rmtree(h / "tokens")
     shutil.copytree(snapshot, h / "tokens")
-    user_id, password = ROLE_USERS["customer"]
-    again = ["issue", "--postage", "0.60", "--from-zip", "94043", "--to-zip", "62704"]
-    again += ["--to", "Someone Else|2 Side St"]
-    meter = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "meter.cli.main",
-            "--home",
-            str(h),
-            "--json",
-            "--user",
-            user_id,
-            *again,
-        ],
-        env={**os.environ, "METER_PASSWORD": password},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert meter.returncode == 0, meter.stdout + meter.stderr
-    reissued = str(json.loads(meter.stdout.splitlines()[-1])["indicium_hex"])
+    with running_device(device_home):
+        out = run(
+            h,
+            *("issue", "--postage", "0.60", "--from-zip", "94043", "--to-zip", "62704"),
+            *("--to", "Someone Else|2 Side St"),
+            role="customer",
+        )
+    reissued = str(out["indicium_hex"])
     assert reissued[52:60] == later[0][52:60]  # the same piece sequence, 2
     assert verify_all(h, [reissued], tmp_path) == ["DUPLICATE"]
     report = run(h, "postoffice", "reconcile", "--credited", str(credited), exit_code=3)

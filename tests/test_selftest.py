@@ -4,7 +4,6 @@ public sessions and login/logout of the token."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,10 +24,11 @@ from meter.psd.selftest import (
     run_self_tests,
 )
 from meter.token import KeyAlgorithm, Token, run_token_kats, token_dir
+from tests.conftest import TEST_METER_PINS, open_meter_token
 
 AT = datetime(2026, 11, 22, 8, 0, tzinfo=UTC)
 TOKEN_KATS = ["sha-256", "hmac-sha-256", "aes-gcm", "aes-key-wrap", "aes-key-wrap-pad"]
-USER_PIN = "METER_USER_PIN"  # set by the `home` fixture from conftest's TEST_PINS
+USER_PIN = TEST_METER_PINS["user_pin"]  # the lab PIN conftest provisions with
 
 
 def open_public(home: Home) -> Token:
@@ -49,7 +49,7 @@ def full_self_tests(token: Token, meter: Meter, certified_spki: bytes) -> SelfTe
 
 @pytest.fixture
 def user_token(provisioned: Home) -> Iterator[Token]:
-    with provisioned.open_token("meter") as token:
+    with open_meter_token(provisioned) as token:
         yield token
 
 
@@ -250,7 +250,7 @@ def test_public_session_opens_without_pin_and_cannot_sign(provisioned: Home) -> 
 
 
 def test_login_logout_round_trip(provisioned: Home) -> None:
-    pin = os.environ[USER_PIN]
+    pin = USER_PIN
     with open_public(provisioned) as token:
         spki = token.public_key_spki(SIGNING_KEY_LABEL)
         token.login(pin)
@@ -274,15 +274,15 @@ def test_login_logout_round_trip(provisioned: Home) -> None:
 
 
 def test_wrong_pin_is_refused_without_the_pin_in_the_message(provisioned: Home) -> None:
-    wrong = "not-the-pin-" + os.environ[USER_PIN]
+    wrong = "not-the-pin-" + USER_PIN
     with open_public(provisioned) as token:
         with pytest.raises(AuthenticationFailed, match="wrong PIN") as caught:
             token.login(wrong)
         assert wrong not in str(caught.value)
-        assert os.environ[USER_PIN] not in str(caught.value)
+        assert USER_PIN not in str(caught.value)
         assert token.login_state is None  # still a usable public session
         assert token.has_key(SIGNING_KEY_LABEL)
-        token.login(os.environ[USER_PIN])
+        token.login(USER_PIN)
         assert token.login_state == "user"
 
 
@@ -301,11 +301,11 @@ def test_a_user_session_logs_out_and_in_again_and_as_so(user_token: Token) -> No
     user_token.logout()
     assert user_token.login_state is None
     assert user_token.data_objects(IDENTITY_APPLICATION) == []
-    user_token.login(os.environ["METER_SO_PIN"], so=True)
+    user_token.login(TEST_METER_PINS["so_pin"], so=True)
     assert user_token.login_state == "so"
     with pytest.raises(AccessDenied, match="the SO is logged in; sign with key"):
         user_token.sign(SIGNING_KEY_LABEL, KeyAlgorithm.ECDSA_P256, b"message")
     user_token.logout()
-    user_token.login(os.environ[USER_PIN])
+    user_token.login(USER_PIN)
     meter = Meter.open(user_token)
     assert full_self_tests(user_token, meter, meter.public_key_spki).passed

@@ -26,7 +26,6 @@ from cryptography.hazmat.primitives import serialization
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from meter.cli import workflows
 from meter.cli.home import Home
 from meter.cli.main import cli
 from meter.cli.workflows import label_info
@@ -36,6 +35,7 @@ from meter.label import render_label
 from meter.postoffice import EmbeddedReplayStore
 from meter.postoffice.service import ServiceConfig, create_app
 from meter.psd import IssueRequest
+from tests import _direct as direct
 
 VECTORS = _vectors.load()
 TODAY = _vectors.verification_date(VECTORS)
@@ -402,7 +402,7 @@ def test_reconciliation_reports_a_broken_register_chain(client: TestClient) -> N
 def test_reconciliation_reads_the_providers_signed_export(provisioned: Home) -> None:
     """A real meter's label, and the provider's export dropped into the certificate directory."""
     home = provisioned
-    workflows.credit(home, 10_000)
+    direct.credit(home, 10_000)
     request = IssueRequest(
         postage=730,
         rate_category=RateCategory.FIRST_CLASS_LETTER,
@@ -410,7 +410,7 @@ def test_reconciliation_reads_the_providers_signed_export(provisioned: Home) -> 
         destination_zip="62704",
         address=list(ADDRESS),
     )
-    label = workflows.issue(home, request).png
+    label = direct.issue_label(home, request)
     settings = ServiceConfig(
         cert_dir=home.certs,
         store=home.path / "postoffice" / "replay",

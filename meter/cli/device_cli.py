@@ -1,8 +1,9 @@
 """The device's services as ``meter`` commands: one command per service of Table 2.
 
-Each command runs its service through the firmware (meter.psd.firmware.PSD),
-which checks the role of the user named by ``--user``; this module only
-parses and prints. ``meter policy`` prints the matrix the firmware enforces.
+Each command is a client of the running device (meter.host.DeviceClient):
+the device's firmware checks the role of the user named by ``--user`` and
+audits the call; this module only parses and prints. ``meter policy``
+prints the matrix the firmware enforces.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from meter.cli import workflows
 from meter.cli.common import emit, errors, home_of, parse_postage
 from meter.cli.device_session import PASSWORD_VARIABLE, device
 from meter.cli.home import password_from_env
-from meter.errors import InvalidInput
-from meter.psd.firmware import PSD
+from meter.durable import write_atomically
+from meter.errors import ConfigurationError, InvalidInput
+from meter.host import DeviceClient
 from meter.psd.roles import MATRIX, TABLE_2, Role, allowed
 
 __all__ = ["policy_matrix", "register"]
@@ -70,10 +72,28 @@ _ABBREVIATIONS = {
 }
 
 
-def _run(ctx: click.Context, call: Callable[[PSD], dict[str, Any]]) -> None:
-    """Power up, log --user on, call one service, print its result, power down."""
-    with errors(ctx), device(ctx, home_of(ctx)) as psd:
-        _show(ctx, call(psd))
+def _run(ctx: click.Context, call: Callable[[DeviceClient], dict[str, Any]]) -> None:
+    """Connect, log --user on, call one service, print its result, disconnect."""
+    with errors(ctx), device(ctx) as client:
+        _show(ctx, call(client))
+
+
+def _get(path: str) -> Callable[[DeviceClient], dict[str, Any]]:
+    return lambda client: dict(client.get(path))
+
+
+def _post(path: str, body: dict[str, Any] | None = None) -> Callable[[DeviceClient], Any]:
+    return lambda client: client.post(path, body)
+
+
+def _save(path: Path, document: str, *, overwrite: bool) -> None:
+    """An audit export or archive, whole or not at all; an archive never replaces a file."""
+    try:
+        write_atomically(path, document.encode("ascii"), overwrite=overwrite)
+    except FileExistsError:
+        raise InvalidInput(f"{path} exists already: choose a new archive file") from None
+    except OSError as exc:
+        raise ConfigurationError(f"{path}: cannot write: {exc.strerror or exc}") from exc
 
 
 def _show(ctx: click.Context, data: dict[str, Any]) -> None:
@@ -104,46 +124,54 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     def logon(ctx: click.Context) -> None:
         """Logon as --user (password from METER_PASSWORD or a prompt)."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
-            if ctx.find_root().obj.get("user") is None:
+        with errors(ctx):
+            obj = ctx.find_root().obj
+            user = obj.get("user")
+            if user is None:
                 raise InvalidInput("logon needs --user (or METER_USER)")
-            _show(ctx, psd.session_info())
+            running: DeviceClient | None = obj.get("client")
+            if running is not None:  # in `meter shell`: a new session on the same connection
+                user_password = password_from_env(PASSWORD_VARIABLE, f"password of user '{user}'")
+                _show(ctx, running.logon(user, user_password))
+                return
+            with device(ctx) as client:
+                _show(ctx, client.session or {})
 
     @cli.command()
     @click.pass_context
     def logoff(ctx: click.Context) -> None:
         """Logoff: end the session."""
-        _run(ctx, PSD.logoff)
+        _run(ctx, DeviceClient.logoff)
 
     @cli.command()
     @click.pass_context
     def session(ctx: click.Context) -> None:
         """Session Management: who is logged on, for how long, and the idle timeout."""
-        _run(ctx, PSD.session_management)
+        _run(ctx, _get("/v1/session"))
 
     @cli.command()
     @click.pass_context
     def status(ctx: click.Context) -> None:
         """Request Status: user, module state, session, keys, registers, piece count, time."""
-        _run(ctx, PSD.request_status)
+        _run(ctx, _get("/v1/status"))
 
     @cli.command("psd-status")
     @click.pass_context
     def psd_status(ctx: click.Context) -> None:
         """Retrieve PSD Status (Customer): registers and piece count."""
-        _run(ctx, PSD.retrieve_psd_status)
+        _run(ctx, _get("/v1/psd-status"))
 
     @cli.command("public-key")
     @click.pass_context
     def public_key(ctx: click.Context) -> None:
         """Retrieve PSD Public Key: the signing key and certificate (no logon needed)."""
-        _run(ctx, PSD.retrieve_psd_public_key)
+        _run(ctx, _get("/v1/public-key"))
 
     @cli.command("device-audit")
     @click.pass_context
     def device_audit(ctx: click.Context) -> None:
         """Request Device Audit: rerun the self-tests and report the device's figures."""
-        _run(ctx, PSD.request_device_audit)
+        _run(ctx, _post("/v1/device-audit"))
 
     @cli.group()
     def users() -> None:
@@ -153,8 +181,8 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     def users_list(ctx: click.Context) -> None:
         """View Users."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
-            found = psd.view_users()
+        with errors(ctx), device(ctx) as client:
+            found = client.get("/v1/users")["users"]
             emit(
                 ctx,
                 {"users": found},
@@ -169,9 +197,10 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     def users_create(ctx: click.Context, user_id: str, role: str) -> None:
         """Create User (Administrator): the new password from METER_NEW_PASSWORD or a prompt."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
+        with errors(ctx), device(ctx) as client:
             password = _new_password(f"password for new user '{user_id}'")
-            _show(ctx, psd.create_user(user_id, Role(role), password))
+            body = {"user_id": user_id, "role": role, "password": password}
+            _show(ctx, client.post("/v1/users", body))
 
     @users.command("modify")
     @click.argument("user_id")
@@ -179,25 +208,27 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     def users_modify(ctx: click.Context, user_id: str, role: str) -> None:
         """Modify User (Administrator): new role, new password (METER_NEW_PASSWORD or prompt)."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
+        with errors(ctx), device(ctx) as client:
             password = _new_password(f"new password for '{user_id}'")
-            _show(ctx, psd.modify_user(user_id, Role(role), password))
+            body = {"role": role, "password": password}
+            _show(ctx, client.call("PUT", f"/v1/users/{_path_part(user_id)}", body))
 
     @users.command("delete")
     @click.argument("user_id")
     @click.pass_context
     def users_delete(ctx: click.Context, user_id: str) -> None:
         """Delete User (Administrator): removes the user and their PIN slot."""
-        _run(ctx, lambda psd: psd.delete_user(user_id))
+        _run(ctx, lambda client: client.call("DELETE", f"/v1/users/{_path_part(user_id)}"))
 
     @users.command("passwd")
     @click.pass_context
     def users_passwd(ctx: click.Context) -> None:
         """Change User Password: yours (old from METER_PASSWORD, new from METER_NEW_PASSWORD)."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
+        with errors(ctx), device(ctx) as client:
             user = ctx.find_root().obj.get("user") or ""
             old = password_from_env(PASSWORD_VARIABLE, f"current password of '{user}'")
-            _show(ctx, psd.change_user_password(old, _new_password("new password")))
+            body = {"old_password": old, "new_password": _new_password("new password")}
+            _show(ctx, client.post("/v1/password", body))
 
     @cli.command()
     @click.option(
@@ -209,33 +240,37 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     def keys(ctx: click.Context, action: str) -> None:
         """Key Administration (Security Officer): the keys and their state."""
-        _run(ctx, lambda psd: psd.key_administration(action))
+        _run(ctx, _post("/v1/keys", {"action": action}))
 
     @cli.command("authorize-administration")
     @click.option("--revoke", is_flag=True, help="Withdraw the authorization instead.")
     @click.pass_context
     def authorize_administration(ctx: click.Context, revoke: bool) -> None:
         """Administration Authorization (Security Officer): may administrators manage users?"""
-        _run(ctx, lambda psd: psd.administration_authorization(not revoke))
+        _run(ctx, _post("/v1/administration", {"authorize": not revoke}))
 
     @cli.command("update-psc")
     @click.argument("version")
     @click.pass_context
     def update_psc(ctx: click.Context, version: str) -> None:
         """Update PSC (Security Officer): record a newer firmware version."""
-        _run(ctx, lambda psd: psd.update_psc(version))
+        _run(ctx, _post("/v1/psc", {"version": version}))
 
     @cli.command("set-clock")
     @click.argument("time")
     @click.pass_context
     def set_clock(ctx: click.Context, time: str) -> None:
         """Set Clock (Administrator): TIME as ISO 8601 with a zone, e.g. 2026-11-22T10:00:00Z."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
+        with errors(ctx):
             try:
                 to = datetime.fromisoformat(time)
             except ValueError as exc:
                 raise InvalidInput(f"time '{time}' is not ISO 8601") from exc
-            _show(ctx, psd.set_clock(to))
+            if to.tzinfo is None:
+                raise InvalidInput(
+                    "the new time must carry a time zone (e.g. 2026-11-22T10:00:00Z)"
+                )
+            _run(ctx, _post("/v1/clock", {"time": to.isoformat()}))
 
     @cli.command("authorize-psd")
     @click.option(
@@ -254,20 +289,20 @@ def register(cli: click.Group) -> None:
         ctx: click.Context, meter_cert: Path, provider_cert: Path, root_cert: Path
     ) -> None:
         """Authorize PSD (Certificate Authority): load the meter's certificate chain."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
-            _show(
-                ctx,
-                psd.authorize_psd(
-                    meter_cert.read_bytes(), provider_cert.read_bytes(), root_cert.read_bytes()
-                ),
-            )
+        with errors(ctx):
+            body = {
+                "meter_pem": _read_text(meter_cert),
+                "provider_pem": _read_text(provider_cert),
+                "root_pem": _read_text(root_cert),
+            }
+            _run(ctx, _post("/v1/certificates", body))
 
     @cli.command("authorize-customer")
     @click.argument("account")
     @click.pass_context
     def authorize_customer(ctx: click.Context, account: str) -> None:
         """Authorize Customer (Provider): the customer account this device mails for."""
-        _run(ctx, lambda psd: psd.authorize_customer(account))
+        _run(ctx, _post("/v1/customer", {"customer": account}))
 
     @cli.command()
     @click.argument("amount")
@@ -276,10 +311,9 @@ def register(cli: click.Group) -> None:
         """Download Postage Value (Provider): AMOUNT dollars from the provider, e.g. 100.00."""
         with errors(ctx):
             home = home_of(ctx)
-            with device(ctx, home) as psd:
-                result = psd.download_postage_value(
-                    workflows.local_provider_grant(home, parse_postage(amount))
-                )
+            mills = parse_postage(amount)
+            with device(ctx) as client:
+                result = workflows.credit_from_local_provider(client, home, mills)
             emit(
                 ctx,
                 result,
@@ -293,45 +327,74 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     def withdraw(ctx: click.Context) -> None:
         """Withdraw PSD (Provider): take the device out of service for good."""
-        _run(ctx, PSD.withdraw_psd)
+        _run(ctx, _post("/v1/withdraw"))
 
     @cli.command("key-exchange")
     @click.pass_context
     def key_exchange(ctx: click.Context) -> None:
         """Key Exchange (Key Custodian): the device's key-agreement public key."""
-        _run(ctx, PSD.key_exchange)
+        _run(ctx, _post("/v1/key-exchange"))
 
     @cli.command()
     @click.pass_context
     def shell(ctx: click.Context) -> None:
         """One session for many commands: `meter --user X shell`, then e.g. `status`, `logoff`."""
-        with errors(ctx):
-            home = home_of(ctx)
-            with device(ctx, home) as psd:
-                _repl(ctx, psd)
+        with errors(ctx), device(ctx) as client:
+            _repl(ctx, client)
 
-    def _repl(ctx: click.Context, psd: PSD) -> None:
+    def _repl(ctx: click.Context, client: DeviceClient) -> None:
         root = ctx.find_root()
-        root.obj["psd"] = psd
+        # Every line runs with the options the shell was started with (--home, --profile,
+        # --json); a line may still give its own, which come later and win.
+        start = [
+            "--home",
+            str(root.obj["home_path"]),
+            *(["--profile", str(root.obj["profile"])] if root.obj.get("profile") else []),
+            *(["--json"] if root.obj.get("json") else []),
+        ]
+        user = root.obj.get("user")
         try:
             while True:
                 try:
                     line = input("meter> ")
                 except EOFError:
                     break
-                words = shlex.split(line)
+                try:
+                    words = shlex.split(line)
+                except ValueError as exc:
+                    click.echo(f"error: {exc}", err=True)
+                    continue
                 if not words:
                     continue
                 if words[0] in ("exit", "quit"):
                     break
+                obj = {"client": client}
                 try:
-                    cli.main(words, prog_name="meter", obj=root.obj, standalone_mode=False)
+                    cli.main(
+                        [*start, *(["--user", user] if user else []), *words],
+                        prog_name="meter",
+                        obj=obj,
+                        standalone_mode=False,
+                    )
                 except click.exceptions.Exit:
                     pass
                 except click.ClickException as exc:
                     exc.show()
         finally:
-            root.obj.pop("psd", None)
+            root.obj.pop("client", None)
+
+
+def _path_part(user_id: str) -> str:
+    from urllib.parse import quote
+
+    return quote(user_id, safe="")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"{path}: cannot read it as a PEM file ({exc})") from exc
 
 
 def add_audit_commands(audit: click.Group) -> None:
@@ -341,15 +404,15 @@ def add_audit_commands(audit: click.Group) -> None:
     @click.pass_context
     def create_key(ctx: click.Context) -> None:
         """Create Audit Key (Security Officer): generated in the token, never leaves it."""
-        _run(ctx, PSD.create_audit_key)
+        _run(ctx, _post("/v1/audit-key"))
 
     @audit.command("export-key")
     @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
     @click.pass_context
     def export_key(ctx: click.Context, out: Path | None) -> None:
         """Export Audit Key (Auditor): the public half, PEM."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
-            result = psd.export_audit_key()
+        with errors(ctx), device(ctx) as client:
+            result = dict(client.get("/v1/audit-key"))
             if out is not None:
                 out.write_text(result["public_key_pem"])
                 result["path"] = str(out)
@@ -360,26 +423,14 @@ def add_audit_commands(audit: click.Group) -> None:
     @click.pass_context
     def view(ctx: click.Context, since: int | None) -> None:
         """View the audit log (Auditor)."""
-        with errors(ctx), device(ctx, home_of(ctx)) as psd:
-            records = psd.view_audit_log(since)
-            rows = [
-                {
-                    "index": r.index,
-                    "at": r.at.isoformat(),
-                    "user": r.user_id,
-                    "role": r.role,
-                    "service": r.service,
-                    "outcome": r.outcome,
-                    "kind": r.kind,
-                    "values": dict(r.values),
-                }
-                for r in records
-            ]
+        with errors(ctx), device(ctx) as client:
+            query = "" if since is None else f"?since={since}"
+            rows = client.get(f"/v1/audit{query}")["records"]
             emit(
                 ctx,
                 {"records": rows},
                 lambda: "\n".join(
-                    f"{r['index']:>6} {r['at']} {r['user'] or '-':<12} {r['role']:<22} "
+                    f"{r['index']:>6} {r['at']} {r['user_id'] or '-':<12} {r['role']:<22} "
                     f"{r['service']:<28} {r['outcome']} {_plain(r['values'])}"
                     for r in rows
                 ),
@@ -389,18 +440,35 @@ def add_audit_commands(audit: click.Group) -> None:
     @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
     @click.pass_context
     def save(ctx: click.Context, path: Path) -> None:
-        """Save the audit log with the chain's signature (Auditor)."""
-        _run(ctx, lambda psd: psd.save_audit_log(path))
+        """Save the audit log with the chain's signature (Auditor) to PATH."""
+        with errors(ctx), device(ctx) as client:
+            if path.is_dir():
+                raise InvalidInput(f"{path} is a folder: name the export file")
+            result = client.post("/v1/audit/save")
+            _save(path, result["document"], overwrite=True)
+            _show(ctx, {"path": str(path), "records": result["records"]})
 
     @audit.command("archive")
     @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
     @click.pass_context
     def archive(ctx: click.Context, path: Path) -> None:
-        """Archive the records not archived yet to PATH (Auditor)."""
-        _run(ctx, lambda psd: psd.archive_audit_log(path))
+        """Archive the records not archived yet (Auditor); a copy goes to PATH (a new file)."""
+        with errors(ctx), device(ctx) as client:
+            if path.exists():
+                raise InvalidInput(f"{path} exists already: choose a new archive file")
+            result = client.post("/v1/audit/archive")
+            _save(path, result["document"], overwrite=False)
+            _show(
+                ctx,
+                {
+                    "path": str(path),
+                    "records": result["records"],
+                    "archived_through": result["archived_through"],
+                },
+            )
 
     @audit.command("delete")
     @click.pass_context
     def delete(ctx: click.Context) -> None:
         """Delete the records already archived (Auditor)."""
-        _run(ctx, PSD.delete_audit_records)
+        _run(ctx, lambda client: client.call("DELETE", "/v1/audit/archived"))

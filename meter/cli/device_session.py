@@ -1,9 +1,9 @@
-"""Running the meter's firmware for one command, or for an interactive session.
+"""A device command's connection to the running device, logged on as ``--user`` if given.
 
-A command powers the device up (token opened without a PIN, power-up
-self-tests), logs the user named by ``--user`` on with the password from
-METER_PASSWORD or a hidden prompt, calls one service, and powers down,
-which ends the session. ``meter shell`` keeps one device and session across
+Each command connects to the device's socket, logs the user named by
+``--user`` on (password from METER_PASSWORD or a hidden prompt), calls one
+service and closes the connection, which ends the session (the device sees
+its client go). ``meter shell`` keeps one connection and session across
 many commands, so Logoff and the idle timeout matter there.
 """
 
@@ -14,8 +14,9 @@ from contextlib import contextmanager
 
 import click
 
-from meter.cli.home import Home, password_from_env
-from meter.psd.firmware import PSD
+from meter.cli.common import home_of
+from meter.cli.home import password_from_env
+from meter.host import DeviceClient
 
 __all__ = ["PASSWORD_VARIABLE", "device"]
 
@@ -27,18 +28,16 @@ def _password(user: str) -> str:
 
 
 @contextmanager
-def device(ctx: click.Context, home: Home) -> Iterator[PSD]:
-    """The powered-up device, logged on as ``--user`` if given (No-Role otherwise)."""
+def device(ctx: click.Context) -> Iterator[DeviceClient]:
+    """The running device, logged on as ``--user`` if given (No-Role otherwise)."""
     obj = ctx.find_root().obj
-    running: PSD | None = obj.get("psd")
-    if running is not None:  # inside `meter shell`: one device, one session
+    running: DeviceClient | None = obj.get("client")
+    if running is not None:  # inside `meter shell`: one connection, one session
         yield running
         return
-    psd = PSD.power_up(home.open_device_token(), home.device)
-    try:
+    home = home_of(ctx)
+    with DeviceClient(home.socket, home=home.path) as client:
         user = obj.get("user")
         if user:
-            psd.logon(user, _password(user))
-        yield psd
-    finally:
-        psd.power_down()
+            client.logon(user, _password(user))
+        yield client

@@ -1,9 +1,15 @@
 """A meter home: the folder holding a SoftHSM2 store, exported certificates and local state.
 
 Layout: ``softhsm2.conf`` and ``tokens/`` (postal root, provider and meter
-tokens), ``locks/``, ``certs/`` (PEM exports), ``labels/``,
+tokens), ``token-copies/`` (verified copies of each token's ``token.object``),
+``locks/``, ``meter/`` (the device's users, policy and audit log), ``run/``
+(the device's socket), ``certs/`` (PEM exports), ``labels/``,
 ``provider/ledger.jsonl``, ``postoffice/replay/`` (the embedded replay
-store). PINs never live here: they come from the environment or a prompt.
+store). No PIN lives here: the meter's are sealed in its users' slots, the
+provider's and postal root's come from the environment or a prompt.
+
+The device process owns the home: it alone opens the meter token, and it
+keeps everything but the socket's folder readable by its own account only.
 """
 
 from __future__ import annotations
@@ -19,23 +25,28 @@ from meter.errors import ConfigurationError
 from meter.token import (
     HsmProfile,
     Pkcs11Module,
+    Restored,
     Token,
     ensure_conf,
+    guard_token_files,
+    keep_verified_copy,
     load_module,
     load_profile,
     softhsm_env,
+    token_copies_dir,
 )
 from meter.token.profile import Durability
 from meter.token.softhsm import token_dir
 
 __all__ = ["PIN_VARIABLES", "Home", "password_from_env", "pin_from_env"]
 
-# Which environment variable holds which PIN.
+# Which environment variable holds which PIN. The meter's are in no variable: they are
+# generated at provisioning and sealed into its users' slots.
 PIN_VARIABLES = {
-    "meter": ("METER_USER_PIN", "METER_SO_PIN"),
     "provider": ("PROVIDER_USER_PIN", "PROVIDER_SO_PIN"),
     "postal-root": ("POSTAL_ROOT_USER_PIN", "POSTAL_ROOT_SO_PIN"),
 }
+SOCKET_NAME = "meterd.sock"
 
 
 def pin_from_env(variable: str, what: str) -> str:
@@ -89,10 +100,40 @@ class Home:
     def revocations(self) -> Path:
         return self.path / "postoffice" / "revoked.json"
 
-    def module(self) -> Pkcs11Module:
+    @property
+    def socket(self) -> Path:
+        """The device's Unix socket (in ``run/``, the one folder its clients may reach)."""
+        return self.path / "run" / SOCKET_NAME
+
+    def module(self, restored: list[Restored] | None = None) -> Pkcs11Module:
+        """The PKCS#11 module over this home's tokens, after putting back any token file a
+        crash emptied (``restored`` collects them; without it they are reported on stderr)."""
         if self.profile.softhsm_conf is not None:
             ensure_conf(self.profile, self.path)  # the home may have been moved or copied
+            # Before the module reads the token files (C_Initialize).
+            found = guard_token_files(token_dir(self.path), token_copies_dir(self.path))
+            if restored is not None:
+                restored.extend(found)
+            for entry in found if restored is None else []:
+                click.echo(f"warning: token '{entry.label}': {entry.reason}", err=True)
         return load_module(self.profile.module, softhsm_env(self.profile, self.path))
+
+    def keep_token_copy(self, party: str) -> None:
+        """Refresh the verified copy of a token's file once the token has opened with it."""
+        if self.profile.softhsm_conf is not None:
+            keep_verified_copy(
+                token_dir(self.path), token_copies_dir(self.path), self.token_label(party)
+            )
+
+    def secure(self, gid: int) -> None:
+        """The device's account alone reads the home; the socket's group may only pass
+        through it to ``run/``. Top-level entries suffice: nobody else gets below them."""
+        os.chown(self.path, -1, gid)
+        os.chmod(self.path, 0o710)
+        for entry in self.path.iterdir():
+            if entry.name == "run" or entry.is_symlink():
+                continue
+            os.chmod(entry, 0o700 if entry.is_dir() else 0o600)
 
     def token_label(self, party: str) -> str:
         labels = self.profile.labels
@@ -108,17 +149,29 @@ class Home:
         policy.toml (the host's password policy), audit/ (the audit log)."""
         return self.path / "meter"
 
-    def open_device_token(self) -> Token:
-        """The meter's token, opened without a PIN: logon unseals the PIN from a user's slot."""
+    def open_device_token(self, restored: list[Restored] | None = None) -> Token:
+        """The meter's token, opened without a PIN: logon unseals the PIN from a user's slot.
+
+        Only the device process (and provisioning) opens it; it takes the token's lock.
+        """
         self._require_home()
-        sync = token_dir(self.path) if self.profile.durability is Durability.SYNCFS else None
-        return Token.open(
-            self.module(),
+        module = self.module(restored)
+        if not module.has_token(self.token_label("meter")):
+            raise ConfigurationError(
+                f"{self.path} has no meter token: provision it with `meter --home {self.path} init`"
+            )
+        token = Token.open(
+            module,
             self.token_label("meter"),
             None,
             lock_dir=self.path / "locks",
-            sync_dir=sync,
+            sync_dir=self._sync_dir(),
         )
+        self.keep_token_copy("meter")
+        return token
+
+    def _sync_dir(self) -> Path | None:
+        return token_dir(self.path) if self.profile.durability is Durability.SYNCFS else None
 
     def token_exists(self, party: str) -> bool:
         """Is there a token for ``party`` in this home's SoftHSM2 store?"""
@@ -139,11 +192,26 @@ class Home:
             )
 
     def open_token(self, party: str, pin: str | None = None) -> Token:
-        """Log in to a party's token with its user PIN (from the environment unless given)."""
+        """Log in to a party's token with its user PIN (from the environment unless given).
+
+        The meter's PIN is in no environment variable: only provisioning (which made
+        it) passes it here; everything else goes through the device.
+        """
         self._require_home()
-        variable = PIN_VARIABLES[party][0]
-        pin = pin or pin_from_env(variable, f"user PIN of the {party} token")
-        sync = token_dir(self.path) if self.profile.durability is Durability.SYNCFS else None
-        return Token.open(
-            self.module(), self.token_label(party), pin, lock_dir=self.path / "locks", sync_dir=sync
+        if pin is None:
+            if party not in PIN_VARIABLES:
+                raise ConfigurationError(
+                    f"the {party} token's PIN is sealed in its users' slots: use the device "
+                    f"(`meter --home {self.path} device serve`, then `meter --user ID ...`)"
+                )
+            variable = PIN_VARIABLES[party][0]
+            pin = pin_from_env(variable, f"user PIN of the {party} token")
+        token = Token.open(
+            self.module(),
+            self.token_label(party),
+            pin,
+            lock_dir=self.path / "locks",
+            sync_dir=self._sync_dir(),
         )
+        self.keep_token_copy(party)
+        return token

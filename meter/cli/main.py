@@ -9,14 +9,16 @@ from typing import Any
 
 import click
 
-from meter.cli import device_cli, postoffice_cli, provider_cli, workflows
+from meter.cli import device_cli, postoffice_cli, provider_cli, provision, workflows
 from meter.cli.common import emit, errors, home_of, parse_date, parse_postage
+from meter.cli.device_process import device_group, running_device
 from meter.cli.device_session import device
 from meter.cli.home import PIN_VARIABLES, Home
 from meter.cli.postoffice_group import postoffice
 from meter.errors import ConfigurationError
+from meter.host import DeviceClient
 from meter.indicium import RateCategory
-from meter.psd import IssueRequest
+from meter.protocol.issue import IssueRequest
 from meter.token import KeyAlgorithm
 
 __all__ = ["cli", "main"]
@@ -75,19 +77,22 @@ def init(
     authorization_id: int,
     algorithm: str | None,
 ) -> None:
-    """Provision the home's tokens: development postal root, provider, and a certified meter.
+    """Provision the home: the device's first run, under the device's own account.
 
-    Idempotent: tokens that exist are kept. PINs come from the environment
-    (METER_USER_PIN, METER_SO_PIN, PROVIDER_*, POSTAL_ROOT_*) or a prompt.
+    Makes the development postal root and provider tokens (kept if they exist;
+    their PINs from PROVIDER_* and POSTAL_ROOT_* or a prompt) and a new, certified
+    meter whose token PINs are random, sealed into the first Administrator's and
+    Security Officer's slots, and never shown. Then start the device with
+    `meter device serve`.
     """
     with errors(ctx):
-        options = workflows.InitOptions(
-            device_serial=device_serial or workflows.new_device_serial(),
+        options = provision.InitOptions(
+            device_serial=device_serial or provision.new_device_serial(),
             vendor_model=vendor_model,
             authorization_id=authorization_id,
             algorithm=KeyAlgorithm(algorithm) if algorithm else None,
         )
-        result = workflows.init_home(home_of(ctx), options)
+        result = provision.init_home(home_of(ctx), options)
         emit(ctx, result, lambda: _init_text(result))
 
 
@@ -168,9 +173,8 @@ def issue(
             specimen=specimen,
             correction_of=correction_of,
         )
-        home = home_of(ctx)
-        with device(ctx, home) as psd:
-            issued = workflows.issue_on(psd, home, request, out)
+        with device(ctx) as client:
+            issued = workflows.issue_on(client, home_of(ctx).labels, request, out)
         ind = issued.indicium
         data = {
             "indicium_hex": ind.to_bytes().hex(),
@@ -209,11 +213,20 @@ def _init_text(result: dict[str, Any]) -> str:
 )
 @click.pass_context
 def export_certs(ctx: click.Context, out: Path | None) -> None:
-    """Write the postal root, provider and meter certificates as PEM files."""
+    """Write the postal root, provider and meter certificates as PEM files.
+
+    Asks the running device (Retrieve PSD Public Key: no logon needed).
+    """
     with errors(ctx):
         home = home_of(ctx)
-        with home.open_device_token() as token:
-            paths = workflows.export_device_certificates(home, token, out)
+        with device(ctx) as client:
+            chain = client.get("/v1/public-key").get("certificates")
+        if not chain:
+            raise ConfigurationError(
+                "the device shows no certificate chain: it is not authorized yet, or no "
+                "user has logged on since it started"
+            )
+        paths = provision.write_certificates(out or home.certs, chain)
         emit(ctx, paths, lambda: "\n".join(f"{k}: {v}" for k, v in paths.items()))
 
 
@@ -221,7 +234,7 @@ def _development_credentials(home: Home) -> dict[str, str]:
     """For a brand-new home only: the provider's and postal root's PINs and the first users'
     passwords, where the environment sets none. The meter's PINs are never among them:
     they are random and sealed into the users' slots."""
-    variables = [v for party, pair in PIN_VARIABLES.items() if party != "meter" for v in pair] + [
+    variables = [v for pair in PIN_VARIABLES.values() for v in pair] + [
         "METER_ADMIN_PASSWORD",
         "METER_SO_PASSWORD",
     ]
@@ -243,40 +256,46 @@ def _development_credentials(home: Home) -> dict[str, str]:
     return generated
 
 
+DEMO_REQUEST = IssueRequest(
+    postage=730,
+    rate_category=RateCategory.FIRST_CLASS_LETTER,
+    origin_zip="94043",
+    destination_zip="62704",
+    destination_plus4="1234",
+    delivery_point="23",
+    address=["Jane Q. Public", "1234 Main St.", "Springfield, IL 62704"],
+)
+
+
 @cli.command()
 @click.pass_context
 def demo(ctx: click.Context) -> None:
-    """Everything at once on a new home: tokens, users, credit, one label, its verification."""
+    """Everything at once on a new home: tokens, users, credit, one label, its verification.
+
+    Starts the device for the demo and stops it afterwards.
+    """
     with errors(ctx):
         home = home_of(ctx)
         generated = _development_credentials(home)
-        options = workflows.InitOptions(device_serial=workflows.new_device_serial())
-        init_result = workflows.init_home(home, options)
+        new = not home.token_exists("meter")
+        if new:
+            provision.init_home(home, provision.InitOptions(provision.new_device_serial()))
         passwords = {
-            options.admin_user: os.environ["METER_ADMIN_PASSWORD"],
-            options.so_user: os.environ["METER_SO_PASSWORD"],
+            "admin": os.environ["METER_ADMIN_PASSWORD"],
+            "security": os.environ["METER_SO_PASSWORD"],
         }
-        if init_result["users"]:  # a new device: one user per role, credit
-            passwords |= {u: workflows.development_password(u) for u, _ in workflows.DEMO_USERS}
-            workflows.setup_demo_device(home, passwords, options, 100_000)
-            generated |= {f"password of {u}": pw for u, pw in passwords.items()}
-        customer_password = passwords.get("customer") or os.environ.get("METER_PASSWORD", "")
-        with workflows.logged_on(home, "customer", customer_password) as psd:
-            issued = workflows.issue_on(
-                psd,
-                home,
-                IssueRequest(
-                    postage=730,
-                    rate_category=RateCategory.FIRST_CLASS_LETTER,
-                    origin_zip="94043",
-                    destination_zip="62704",
-                    destination_plus4="1234",
-                    delivery_point="23",
-                    address=["Jane Q. Public", "1234 Main St.", "Springfield, IL 62704"],
-                ),
-            )
-        certificates = init_result["certificates"]
-        assert isinstance(certificates, dict)
+        with running_device(home):
+            if new:  # one user per role, credit
+                passwords |= {u: workflows.development_password(u) for u, _ in workflows.DEMO_USERS}
+                workflows.setup_demo_device(home, passwords, 100_000)
+                generated |= {f"password of {u}": pw for u, pw in passwords.items()}
+            customer_password = passwords.get("customer") or os.environ.get("METER_PASSWORD", "")
+            with DeviceClient(home.socket, home=home.path) as client:
+                client.logon("customer", customer_password)
+                issued = workflows.issue_on(client, home.labels, DEMO_REQUEST)
+                certificates = provision.write_certificates(
+                    home.certs, client.get("/v1/public-key")["certificates"]
+                )
         result = postoffice_cli.verify_label_image(
             home,
             issued.png,
@@ -324,6 +343,7 @@ def _demo_text(home: Home, data: dict[str, Any], generated: dict[str, str]) -> s
 postoffice_cli.register(cli)
 device_cli.register(cli)
 cli.add_command(postoffice)
+cli.add_command(device_group)
 # Further command modules register here, one line each.
 from meter.cli import audit_cli  # noqa: E402
 
@@ -333,6 +353,31 @@ from meter.cli import serve_cli  # noqa: E402, F401
 
 cli.add_command(provider_cli.provider)
 from meter.cli import reconcile_cli  # noqa: E402, F401
+
+
+def _set_json(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.find_root().ensure_object(dict)["json"] = True
+
+
+def _json_after_the_command(group: click.Group) -> None:
+    """Accept `--json` after a command's name as well as before it (`meter demo --json`)."""
+    for command in group.commands.values():
+        if not any(isinstance(p, click.Option) and "--json" in p.opts for p in command.params):
+            command.params.append(
+                click.Option(
+                    ["--json"],
+                    is_flag=True,
+                    expose_value=False,
+                    callback=_set_json,
+                    help="Print one JSON object instead of text (as `meter --json ...`).",
+                )
+            )
+        if isinstance(command, click.Group):
+            _json_after_the_command(command)
+
+
+_json_after_the_command(cli)
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.ttfonts import TTFont
 from reportlab.pdfgen import canvas
 
-from meter.durable import stage, sync_directory
+from meter.durable import remove_abandoned, stage, sync_directory
 from meter.errors import BarcodeError, InvalidInput
 from meter.label.barcode import QUIET_MODULES, ROW_MODULES, Symbol, pdf417_symbol
 
@@ -133,6 +133,8 @@ def write_label(label: RenderedLabel, png_path: Path, pdf_path: Path) -> None:
     png_path, pdf_path = Path(png_path), Path(pdf_path)
     if png_path.resolve() == pdf_path.resolve():
         raise InvalidInput(f"label: PNG and PDF would both be written to {png_path}")
+    for directory in {png_path.parent, pdf_path.parent}:
+        remove_abandoned(directory)  # what a writer killed mid-label left behind
     staged: list[tuple[Path, Path]] = []
     try:
         for data, path in ((label.png, png_path), (label.pdf, pdf_path)):

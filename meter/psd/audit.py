@@ -317,8 +317,14 @@ class AuditLog:
         service: str,
         outcome: str,
         values: Mapping[str, object],
+        durable: bool = True,
     ) -> AuditRecord:
-        """Add one event record; it is on disk (fsync) before this returns."""
+        """Add one event record; it is on disk (fsync) before this returns.
+
+        With ``durable=False`` it is written but not synced: the caller makes it durable
+        with something it syncs anyway (``sync``, or a sync of the whole file system)
+        before it relies on it, so that one disk flush serves both.
+        """
         for name, text in (("role", role), ("service", service), ("outcome", outcome)):
             if not text:
                 raise InvalidInput(f"audit record needs a {name}")
@@ -332,7 +338,23 @@ class AuditLog:
                 outcome=outcome,
                 values=clean,
                 kind="event",
+                durable=durable,
             )
+
+    def sync(self) -> None:
+        """Make every record written so far durable (those appended with durable=False)."""
+        try:
+            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise ConfigurationError(f"audit log {self._path}: {exc.strerror or exc}") from exc
+        try:
+            os.fdatasync(fd)
+        except OSError as exc:
+            raise ConfigurationError(f"audit log {self._path}: cannot sync: {exc}") from exc
+        finally:
+            os.close(fd)
 
     def seal(self, signer: Signer, key_id: bytes, at: datetime) -> AuditRecord | None:
         """Sign the current head in a seal record; None if the newest record is a seal."""
@@ -342,18 +364,29 @@ class AuditLog:
 
     def export(self, path: Path, signer: Signer, key_id: bytes, at: datetime) -> int:
         """Seal, then write every live record to ``path`` (replaced if it exists); the count."""
-        at_text, path = _format_time(at), Path(path)
+        path = Path(path)
         if path.is_dir():
             raise InvalidInput(f"{path} is a folder: name the export file")
+        document, count = self.export_document(signer, key_id, at)
+        _write_output(path, document, overwrite=True)
+        return count
+
+    def export_document(self, signer: Signer, key_id: bytes, at: datetime) -> tuple[bytes, int]:
+        """Seal, then every live record as an export document; and how many records."""
+        at_text = _format_time(at)
         with self._locked():
             self._seal(signer, key_id, at_text)
             records = list(self._state.records)
-            document = _document("export", at_text, key_id, self._state.anchor, records)
-            _write_output(path, document, overwrite=True)
-            return len(records)
+            return _document("export", at_text, key_id, self._state.anchor, records), len(records)
 
     def archive(self, path: Path, signer: Signer, key_id: bytes, at: datetime) -> int:
         """Seal, write the records not yet archived to a new file ``path``; the count."""
+        return self.archive_document(path, signer, key_id, at)[1]
+
+    def archive_document(
+        self, path: Path, signer: Signer, key_id: bytes, at: datetime
+    ) -> tuple[bytes, int]:
+        """As archive, also returning the archive document written to ``path``."""
         at_text, path = _format_time(at), Path(path)
         if path.exists():
             raise InvalidInput(f"{path} exists already: choose a new archive file")
@@ -364,7 +397,8 @@ class AuditLog:
             if not records:
                 raise InvalidInput(f"nothing to archive: records through {through} are archived")
             anchor = (through, through_digest) if through else None
-            _write_output(path, _document("archive", at_text, key_id, anchor, records), False)
+            document = _document("archive", at_text, key_id, anchor, records)
+            _write_output(path, document, False)
             last = records[-1]
             state = {
                 "archived_through": last.index,
@@ -373,7 +407,7 @@ class AuditLog:
             }
             self._store(self._state_path, (json.dumps(state, sort_keys=True) + "\n").encode())
             self._archived = (last.index, last.digest)
-            return len(records)
+            return document, len(records)
 
     def delete_archived(self) -> int:
         """Drop live records already archived, keeping the last as anchor; the count dropped."""
@@ -522,6 +556,7 @@ class AuditLog:
         outcome: str,
         values: dict[str, object],
         kind: str,
+        durable: bool = True,
     ) -> AuditRecord:
         index, prev = self._state.head
         unsigned = AuditRecord(
@@ -547,7 +582,8 @@ class AuditLog:
             view = memoryview(line)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
             if created:
                 sync_directory(self._folder)
             stat = os.fstat(fd)

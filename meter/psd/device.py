@@ -1,21 +1,33 @@
-"""The meter's firmware: provisioning, certificates, credit and issuing indicia.
+"""The meter's records and its cryptographic work: provisioning, certificates, credit, issuing.
 
 Every value that leaves the meter is checked first; the debit is made
 durable in the token before the signature is computed, so a crash may lose
 the one piece in flight but never creates postage or reuses a sequence.
+
+Everything that decides what the device does lives in private token
+objects under the register MAC: the registers, the device state (pinned by
+generation in the register record) and the certificate chain (its postal
+root pinned by digest). See meter.psd.registers and meter.psd.device_state.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from meter.errors import CertificateError, DeviceLocked, InvalidInput, ProtocolError
+from meter.errors import (
+    CertificateError,
+    DeviceLocked,
+    InvalidInput,
+    ProtocolError,
+    RegisterCorrupt,
+)
 from meter.indicium import (
     EPOCH,
     FLAG_CORRECTION,
@@ -24,14 +36,15 @@ from meter.indicium import (
     MAX_POSTAGE,
     Algorithm,
     Indicium,
-    RateCategory,
     address_digest,
     key_id,
 )
 from meter.protocol.credit import CreditGrant, CreditRequest, verify_provider_certificate
+from meter.protocol.issue import IssueRequest
+from meter.psd.device_state import DeviceState, DeviceStateStore
 from meter.psd.identity import DeviceIdentity, load_identity, store_identity
 from meter.psd.register_store import MAC_KEY_LABEL, RegisterStore
-from meter.psd.registers import Registers
+from meter.psd.registers import NO_ROOT, Registers
 from meter.token import KeyAlgorithm, Token
 
 __all__ = ["CERT_APPLICATION", "SIGNING_KEY_LABEL", "IssueRequest", "Meter"]
@@ -54,32 +67,6 @@ def system_clock() -> datetime:
 
 
 @dataclass(frozen=True)
-class IssueRequest:
-    """What a customer asks for; amounts in mills (1/10 cent)."""
-
-    postage: int
-    rate_category: RateCategory
-    origin_zip: str
-    destination_zip: str
-    address: Sequence[str] | str
-    destination_plus4: str = "0000"
-    delivery_point: str = "00"
-    date_of_mailing: date | None = None
-    specimen: bool = False
-    correction_of: int | None = None
-
-    def destination(self) -> str:
-        for name, value, width in (
-            ("destination ZIP", self.destination_zip, 5),
-            ("ZIP+4", self.destination_plus4, 4),
-            ("delivery point", self.delivery_point, 2),
-        ):
-            if len(value) != width or not value.isascii() or not value.isdigit():
-                raise InvalidInput(f"{name} '{value}' must be {width} digits")
-        return self.destination_zip + self.destination_plus4 + self.delivery_point
-
-
-@dataclass(frozen=True)
 class Certificates:
     meter: x509.Certificate
     provider: x509.Certificate
@@ -94,12 +81,14 @@ class Meter:
         token: Token,
         identity: DeviceIdentity,
         registers: RegisterStore,
+        state: DeviceStateStore,
         clock: Clock,
         certificates: Certificates | None,
     ) -> None:
         self.token = token
         self.identity = identity
         self._registers = registers
+        self._state = state
         self._clock = clock
         self.certificates = certificates
         self._public_key_spki = token.public_key_spki(SIGNING_KEY_LABEL)
@@ -114,19 +103,35 @@ class Meter:
         """Generate the signing key and register MAC key in the token; registers at zero."""
         token.generate_signing_keypair(SIGNING_KEY_LABEL, identity.algorithm)
         token.generate_hmac_key(MAC_KEY_LABEL)
-        RegisterStore.create(token, identity.device_serial)
+        state = DeviceStateStore.create(token)
+        RegisterStore.create(token, identity.device_serial, state.current.generation)
         store_identity(token, identity)
         return cls.open(token, clock)
 
     @classmethod
     def open(cls, token: Token, clock: Clock = system_clock) -> Meter:
+        """Open the records, each checked against what the register record pins."""
         identity = load_identity(token)
         registers = RegisterStore.open(token, identity.device_serial)
-        return cls(token, identity, registers, clock, _load_certificates(token))
+        pinned = registers.current
+        state = DeviceStateStore.open(token, pinned.state_generation)
+        certificates = _load_certificates(token, pinned.root_digest)
+        return cls(token, identity, registers, state, clock, certificates)
 
     @property
     def registers(self) -> Registers:
         return self._registers.current
+
+    @property
+    def state(self) -> DeviceState:
+        return self._state.current
+
+    def commit_state(self, new: DeviceState) -> None:
+        """Make ``new`` (the next generation) the device's state: the state object first,
+        then the register record that pins it (the commit point), then retire the old."""
+        staged = self._state.stage(new)
+        self._registers.commit(self._registers.current.pinning(state_generation=new.generation))
+        self._state.committed(new, staged)
 
     @property
     def public_key_spki(self) -> bytes:
@@ -163,12 +168,12 @@ class Meter:
             raise CertificateError("meter certificate is not issued by the provider") from exc
         for label, cert in zip(_CERT_LABELS, (meter_cert, provider, root), strict=True):
             self.token.create_data(
-                CERT_APPLICATION,
-                label,
-                cert.public_bytes(serialization.Encoding.DER),
-                private=False,
+                CERT_APPLICATION, label, cert.public_bytes(serialization.Encoding.DER)
             )
         self.token.make_durable()
+        # The commit point: the register record pins the postal root from now on.
+        digest = _root_digest(root)
+        self._registers.commit(self._registers.current.pinning(root_digest=digest))
         self.certificates = Certificates(meter_cert, provider, root)
 
     def _require_certified(self) -> Certificates:
@@ -220,8 +225,20 @@ class Meter:
 
     # -- issuing ----------------------------------------------------------
 
-    def issue(self, request: IssueRequest) -> Indicium:
-        """Debit the registers durably, then sign a PIM-1 indicium for one piece."""
+    def issue(
+        self,
+        request: IssueRequest,
+        *,
+        record: Callable[[Indicium], None] | None = None,
+        also_durable: Callable[[], None] | None = None,
+    ) -> Indicium:
+        """Debit the registers and sign a PIM-1 indicium for one piece; return it only once
+        the debit is durable.
+
+        ``record`` sees the signed indicium before the debit is synced, to write what must
+        be durable with it (the audit record); ``also_durable`` makes durable what the
+        token's sync does not cover. Both are durable before this returns.
+        """
         self._require_certified()
         now = self.now()
         if now < EPOCH:
@@ -279,9 +296,17 @@ class Meter:
             reference_sequence=reference,
         )
         signed_part = unsigned.signed_part()  # every field checked before anything changes
-        self._registers.commit(new)  # durable before the indicium exists
+        # Signed before the debit exists: the indicium leaves this method only once the
+        # debit is durable, so it never exists outside without it; and the token signs
+        # before the new object makes it reread its folder.
         signature = self.token.sign(SIGNING_KEY_LABEL, self.identity.algorithm, signed_part)
-        return unsigned.with_signature(signature)
+        indicium = unsigned.with_signature(signature)
+        self._registers.commit(
+            new,
+            before_sync=(lambda: record(indicium)) if record is not None else None,
+            also_durable=also_durable,
+        )
+        return indicium
 
     def status(self) -> dict[str, object]:
         r = self._registers.current
@@ -308,16 +333,37 @@ def _checked_provider(provider: x509.Certificate, root: x509.Certificate, at: da
         raise CertificateError(str(exc)) from exc
 
 
-def _load_certificates(token: Token) -> Certificates | None:
-    found = {obj.label: obj.value for obj in token.data_objects(CERT_APPLICATION)}
-    if not found:
+def _root_digest(root: x509.Certificate) -> bytes:
+    return hashlib.sha256(root.public_bytes(serialization.Encoding.DER)).digest()
+
+
+def _load_certificates(token: Token, pinned_root: bytes) -> Certificates | None:
+    """The chain the register record pins; objects an interrupted Authorize PSD left go."""
+    objects = token.data_objects(CERT_APPLICATION)
+    if pinned_root == NO_ROOT:
+        for obj in objects:  # written, but never committed by a register record
+            token.destroy(obj)
         return None
+    found: dict[str, bytes] = {}
+    for obj in objects:
+        if obj.label in found or obj.label not in _CERT_LABELS:
+            raise RegisterCorrupt(
+                f"{token.where}: unexpected certificate object '{obj.label}' next to the chain "
+                "the device was authorized with; the device must not operate"
+            )
+        found[obj.label] = obj.value
     try:
         meter_cert, provider, root = (
             x509.load_der_x509_certificate(found[k]) for k in _CERT_LABELS
         )
     except (KeyError, ValueError) as exc:
-        raise CertificateError(
-            f"{token.where}: the stored certificate chain is incomplete"
+        raise RegisterCorrupt(
+            f"{token.where}: the certificate chain the register record pins is missing or "
+            "unreadable; the device must not operate"
         ) from exc
+    if _root_digest(root) != pinned_root:
+        raise RegisterCorrupt(
+            f"{token.where}: the postal root certificate in the token is not the one the "
+            "device was authorized under (its digest differs from the register record's)"
+        )
     return Certificates(meter_cert, provider, root)

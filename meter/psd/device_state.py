@@ -2,10 +2,18 @@
 
 What Authorize Customer, Administration Authorization, Key Administration,
 Set Clock, Update PSC and Withdraw PSD change. Like the registers, each
-change is a new MAC'd generation (meter.psd.generations), made durable before
-the old one is destroyed. The object is public so that Request Status can show
-the state before anyone logs on; its MAC is checked whenever a user is
-logged on, and every service that relies on it runs logged on.
+change is a new MAC'd generation (meter.psd.generations) in a **private**
+token object, made durable before the old one is destroyed. Nothing public
+decides what the device does: a caller without the token's PIN can neither
+see nor delete these objects.
+
+Which generation is current is not decided here but by the register record,
+which pins it (``Registers.state_generation``) under its own MAC. A commit
+writes the new state object first, then a register record pinning it; the
+register write is the commit point. So on open exactly the pinned
+generation is taken: a newer one is an uncommitted change (a crash between
+the two writes) and is removed; a missing pinned generation, or only an
+older one, is tampering or a rollback, and the device must not operate.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from meter.errors import RegisterCorrupt
-from meter.psd.generations import MAC_LENGTH, Generations
+from meter.psd.generations import Generations
 from meter.token import DataObject, Token
 
 __all__ = ["STATE_APPLICATION", "DeviceState", "DeviceStateStore"]
@@ -25,7 +33,7 @@ STATE_APPLICATION = "meter.state"
 
 @dataclass(frozen=True)
 class DeviceState:
-    generation: int = 0
+    generation: int = 1
     customer: str | None = None  # the customer account the provider authorized
     administration_authorized: bool = False  # may administrators manage users?
     signing_key_active: bool = True
@@ -56,8 +64,8 @@ class DeviceStateStore:
     """The current state object of the device in its token."""
 
     def __init__(
-        self, generations: Generations[DeviceState], current: DeviceState, obj: DataObject | None
-    ) -> None:
+        self, generations: Generations[DeviceState], current: DeviceState, obj: DataObject
+    ):
         self._generations = generations
         self._current = current
         self._object = obj
@@ -67,36 +75,44 @@ class DeviceStateStore:
         return self._current
 
     @classmethod
-    def read_unverified(cls, token: Token) -> DeviceState:
-        """The newest state without its MAC checked: for display before anyone logs on."""
-        states = [_parsed(obj.value[:-MAC_LENGTH]) for obj in token.data_objects(STATE_APPLICATION)]
-        return max(
-            (s for s in states if s is not None), key=lambda s: s.generation, default=DeviceState()
-        )
+    def create(cls, token: Token) -> DeviceStateStore:
+        """The first state of a newly provisioned device (refuses if any state exists)."""
+        generations = _generations(token)
+        if token.data_objects(STATE_APPLICATION):
+            raise RegisterCorrupt(f"{token.where}: a device state exists already; not resetting it")
+        initial = DeviceState()
+        return cls(generations, initial, generations.write("state-1", initial.body()))
 
     @classmethod
-    def open(cls, token: Token) -> DeviceStateStore:
-        """The newest state whose MAC verifies (logged on); a device never given one starts fresh."""
-        generations: Generations[DeviceState] = Generations(token, STATE_APPLICATION, private=False)
-        best, found = generations.newest(_parsed, lambda s: s.generation)
-        if best is not None:
-            return cls(generations, *best)
-        if found:
+    def open(cls, token: Token, pinned: int) -> DeviceStateStore:
+        """The state of generation ``pinned`` (the register record's), MAC checked; others removed."""
+        generations = _generations(token)
+        chosen, found = generations.exactly(_parsed, lambda s: s.generation, pinned)
+        if chosen is None:
             raise RegisterCorrupt(
-                f"{token.where}: no device state object with a valid MAC "
-                f"({found} found); the device must not operate"
+                f"{token.where}: the device state of generation {pinned}, which the register "
+                f"record commits, is missing or fails its MAC ({found} state object(s) found): "
+                "the state was deleted, replaced or rolled back; the device must not operate"
             )
-        return cls(generations, DeviceState(), None)
+        return cls(generations, *chosen)
 
-    def commit(self, new: DeviceState) -> None:
+    def stage(self, new: DeviceState) -> DataObject:
+        """Write ``new`` (the next generation) durably; it counts once a register record pins it."""
         if new.generation != self._current.generation + 1:
             raise RegisterCorrupt(
                 f"device state update from generation {self._current.generation} to "
                 f"{new.generation} is out of order"
             )
-        obj = self._generations.write(f"state-{new.generation}", new.body())
+        return self._generations.write(f"state-{new.generation}", new.body())
+
+    def committed(self, new: DeviceState, obj: DataObject) -> None:
+        """The register record pins ``new`` now: make it current and retire the old object."""
         old, self._object, self._current = self._object, obj, new
         self._generations.retire(old)
+
+
+def _generations(token: Token) -> Generations[DeviceState]:
+    return Generations(token, STATE_APPLICATION)
 
 
 def _parsed(body: bytes) -> DeviceState | None:

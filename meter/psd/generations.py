@@ -27,10 +27,9 @@ T = TypeVar("T")
 class Generations(Generic[T]):
     """The MAC'd generations of one record kind (``application``) in a token."""
 
-    def __init__(self, token: Token, application: str, *, private: bool = True) -> None:
+    def __init__(self, token: Token, application: str) -> None:
         self.token = token
         self.application = application
-        self.private = private
 
     def sealed(self, body: bytes) -> bytes:
         return body + self.token.hmac(MAC_KEY_LABEL, body)
@@ -55,11 +54,31 @@ class Generations(Generic[T]):
                     self.token.destroy(obj)
         return best, len(objects)
 
+    def exactly(
+        self, parse: Callable[[bytes], T | None], generation: Callable[[T], int], wanted: int
+    ) -> tuple[tuple[T, DataObject] | None, int]:
+        """The record of generation ``wanted`` whose MAC verifies, with every other object
+        removed; None (and nothing removed) when there is none. Also how many there were."""
+        objects = self.token.data_objects(self.application)
+        chosen: tuple[T, DataObject] | None = None
+        for obj in objects:
+            body, mac = obj.value[:-MAC_LENGTH], obj.value[-MAC_LENGTH:]
+            if not _hmac.compare_digest(mac, self.token.hmac(MAC_KEY_LABEL, body)):
+                continue
+            record = parse(body)
+            if record is not None and generation(record) == wanted:
+                chosen = (record, obj)
+                break
+        if chosen is not None:
+            for obj in objects:
+                if obj is not chosen[1]:
+                    self.token.destroy(obj)
+        return chosen, len(objects)
+
     def write(self, label: str, body: bytes) -> DataObject:
         """Create the next generation and make it durable; then the caller retires the old."""
-        obj = self.token.create_data(
-            self.application, label, self.sealed(body), private=self.private
-        )
+        # Private: without the token's PIN nobody can read, delete or add one.
+        obj = self.token.create_data(self.application, label, self.sealed(body), private=True)
         self.token.make_durable()
         return obj
 

@@ -5,6 +5,13 @@ control total (all postage ever credited; always ascending + descending) and
 the piece sequence of the last indicium issued. Every change makes a new
 generation; the record binds the device serial so it cannot be moved to
 another meter.
+
+The record also pins what the device trusts and which device state is
+current: the generation of the device state object (meter.psd.device_state)
+and the SHA-256 of the postal root certificate the device was authorized
+under (all zero before Authorize PSD). Both sit under the register MAC in a
+private token object, so deleting, replacing or rolling back the state or
+the certificate objects is detected at the next open.
 """
 
 from __future__ import annotations
@@ -14,17 +21,19 @@ from dataclasses import dataclass, replace
 
 from meter.errors import InsufficientFunds, InvalidInput, RegisterCorrupt
 
-__all__ = ["NO_NONCE", "RECORD_LENGTH", "Registers"]
+__all__ = ["NO_NONCE", "NO_ROOT", "RECORD_LENGTH", "Registers"]
 
 _MAGIC = b"PREG"
-_VERSION = 1
+_VERSION = 2
 # magic, version, device serial, generation, ascending, descending, control
-# total, sequence, outstanding credit nonce, last credit transaction id
-_FORMAT = ">4sBQQQQQI16s16s"
+# total, sequence, outstanding credit nonce, last credit transaction id,
+# device state generation, SHA-256 of the postal root certificate
+_FORMAT = ">4sBQQQQQI16s16sQ32s"
 _BODY_LENGTH = struct.calcsize(_FORMAT)
 _MAC_LENGTH = 32
 RECORD_LENGTH = _BODY_LENGTH + _MAC_LENGTH
 NO_NONCE = bytes(16)
+NO_ROOT = bytes(32)
 _MAX_REGISTER = 2**40 - 1  # PIM-1 carries registers in 5 bytes
 _MAX_SEQUENCE = 2**32 - 1
 
@@ -39,10 +48,27 @@ class Registers:
     sequence: int
     credit_nonce: bytes = NO_NONCE
     last_credit_id: bytes = NO_NONCE
+    state_generation: int = 0  # the device state object this record commits
+    root_digest: bytes = NO_ROOT  # SHA-256 of the trusted postal root certificate (DER)
 
     @classmethod
-    def initial(cls, device_serial: int) -> Registers:
-        return cls(device_serial, 1, 0, 0, 0, 0)
+    def initial(cls, device_serial: int, state_generation: int = 1) -> Registers:
+        return cls(device_serial, 1, 0, 0, 0, 0, state_generation=state_generation)
+
+    def pinning(
+        self, *, state_generation: int | None = None, root_digest: bytes | None = None
+    ) -> Registers:
+        """The next generation, committing another device state or trust anchor."""
+        if root_digest is not None and len(root_digest) != 32:
+            raise InvalidInput("a postal root digest is 32 bytes (SHA-256)")
+        return replace(
+            self,
+            generation=self.generation + 1,
+            state_generation=self.state_generation
+            if state_generation is None
+            else state_generation,
+            root_digest=self.root_digest if root_digest is None else root_digest,
+        )
 
     def check(self) -> None:
         """The conservation law; a record that breaks it is corrupt."""
@@ -112,6 +138,8 @@ class Registers:
             self.sequence,
             self.credit_nonce,
             self.last_credit_id,
+            self.state_generation,
+            self.root_digest,
         )
 
     @classmethod
@@ -132,5 +160,5 @@ class Registers:
         magic, version, *fields = struct.unpack(_FORMAT, body)
         if magic != _MAGIC or version != _VERSION:
             raise RegisterCorrupt("register record has an unknown magic or version")
-        serial, generation, asc, desc, total, seq, nonce, credit_id = fields
-        return cls(serial, generation, asc, desc, total, seq, nonce, credit_id)
+        serial, generation, asc, desc, total, seq, nonce, credit_id, state, root = fields
+        return cls(serial, generation, asc, desc, total, seq, nonce, credit_id, state, root)

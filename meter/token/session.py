@@ -6,7 +6,8 @@ import ctypes
 import fcntl
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,7 @@ class Token:
         self._session: pkcs11.Session | None = session
         self._lock_fd = lock_fd
         self._sync_dir = sync_dir
+        self._syncer: ThreadPoolExecutor | None = None  # see make_durable_async
         self.where = f"token '{label}' in module {module.path}"
         self._login: Login | None = login
         # Key handles by (class, label): a lookup is a C_FindObjects round trip
@@ -195,6 +197,9 @@ class Token:
             old.close()  # python-pkcs11 calls C_Logout first if the old session logged in
 
     def close(self) -> None:
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=True)
+            self._syncer = None
         if self._session is None:
             return
         session, self._session = self._session, None
@@ -421,6 +426,25 @@ class Token:
     def destroy(self, obj: DataObject) -> None:
         with self._call(f"destroy data object '{obj.label}'"):
             obj._object.destroy()
+
+    def covers(self, path: Path) -> bool:
+        """Does make_durable flush ``path`` too (a file on the synced file system)?"""
+        if self._sync_dir is None:
+            return False
+        return os.stat(path).st_dev == os.stat(self._sync_dir).st_dev
+
+    def make_durable_async(self, also: Callable[[], None] | None = None) -> Future[None]:
+        """make_durable, then ``also``, on the token's own syncing thread: a sync waits for the
+        disk, not for the token, so the caller's next token calls can run meanwhile."""
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-sync")
+
+        def run() -> None:
+            self.make_durable()
+            if also is not None:
+                also()
+
+        return self._syncer.submit(run)
 
     def make_durable(self) -> None:
         """Flush what the token wrote to stable storage, where the token does not itself."""

@@ -19,6 +19,7 @@ from meter.errors import ConfigurationError, TokenError
 from meter.token._errors import translated
 from meter.token.module import Pkcs11Module, load_module
 from meter.token.profile import HsmProfile
+from meter.token.token_files import keep_verified_copy
 
 __all__ = [
     "conf_path",
@@ -26,6 +27,7 @@ __all__ = [
     "ensure_token",
     "provision_main",
     "softhsm_env",
+    "token_copies_dir",
     "token_dir",
 ]
 
@@ -45,6 +47,11 @@ def conf_path(profile: HsmProfile, home: Path) -> Path | None:
 
 def token_dir(home: Path) -> Path:
     return home / "tokens"
+
+
+def token_copies_dir(home: Path) -> Path:
+    """Verified copies of the tokens' token.object files, outside SoftHSM2's token folder."""
+    return home / "token-copies"
 
 
 def ensure_conf(profile: HsmProfile, home: Path) -> Path:
@@ -84,11 +91,14 @@ def ensure_token(profile: HsmProfile, home: Path, label: str, so_pin: str, user_
     """Create the token ``label`` in the home's SoftHSM2 store unless it exists.
 
     Returns True when it was created now. PINs come from the caller (prompt or
-    environment), never from a file.
+    environment), never from a file. Either way the token's token.object is
+    then copied to :func:`token_copies_dir` if its copy is missing or stale,
+    for :func:`meter.token.guard_token_files` to restore after a crash.
     """
     ensure_conf(profile, home)
     module = load_module(profile.module, softhsm_env(profile, home))
     if _token_exists(module, label):
+        _keep_copy(module, home, label)
         return False
     slot = _free_slot(module)
     where = f"token '{label}' in module {module.path}"
@@ -112,7 +122,14 @@ def ensure_token(profile: HsmProfile, home: Path, label: str, so_pin: str, user_
         token.open(rw=True, so_pin=so_pin) as session,
     ):
         session.init_pin(user_pin)
+    _keep_copy(module, home, label)
     return True
+
+
+def _keep_copy(module: Pkcs11Module, home: Path, label: str) -> None:
+    # Under the module lock: no thread of this process rewrites token.object meanwhile.
+    with module.lock:
+        keep_verified_copy(token_dir(home).resolve(), token_copies_dir(home), label)
 
 
 def provision_main(argv: list[str]) -> int:

@@ -1,0 +1,241 @@
+"""The postage services: certification (Certificate Authority), customer authorization,
+credit and withdrawal (Provider), indicia (Customer), Key Exchange (Key Custodian), and the
+No-Role reports (public key, device audit) and the Customer's PSD status."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from meter.errors import DeviceLocked, InvalidInput
+from meter.indicium import Indicium, key_id
+from meter.protocol.credit import CreditGrant, CreditRequest
+from meter.psd.device import SIGNING_KEY_LABEL, IssueRequest
+from meter.psd.firmware_core import KEY_EXCHANGE_LABEL, FirmwareCore
+from meter.psd.registers import Registers
+from meter.psd.roles import Service
+
+__all__ = ["MeterServices"]
+
+_CUSTOMER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class MeterServices(FirmwareCore):
+    # -- certificate authority: Authorize PSD ----------------------------------
+
+    def authorize_psd(
+        self, meter_pem: bytes, provider_pem: bytes, root_pem: bytes
+    ) -> dict[str, Any]:
+        with self._service(Service.AUTHORIZE_PSD) as out:
+            try:
+                certs = [
+                    x509.load_pem_x509_certificate(p) for p in (meter_pem, provider_pem, root_pem)
+                ]
+            except ValueError as exc:
+                raise InvalidInput(f"a certificate is not PEM: {exc}") from exc
+            self._require_meter().install_certificates(*certs)
+            out["meter_certificate_serial"] = certs[0].serial_number
+        return {"module_state": self.module_state()}
+
+    # -- provider: Authorize Customer, Download Postage Value, Withdraw PSD ---
+
+    def authorize_customer(self, customer: str) -> dict[str, Any]:
+        with self._service(Service.AUTHORIZE_CUSTOMER, customer=customer):
+            if not _CUSTOMER_ID.fullmatch(customer):
+                raise InvalidInput(
+                    f"customer account '{customer}' must be 1-64 letters, digits, . _ -"
+                )
+            meter = self._require_meter()
+            meter.commit_state(meter.state.next(customer=customer))
+        return {"customer": customer}
+
+    def request_credit(self) -> CreditRequest:
+        """Download Postage Value, first half: a fresh nonce, durable, in a credit request."""
+        with self._service(Service.DOWNLOAD_POSTAGE_VALUE, step="request") as out:
+            request = self._require_meter().request_credit()
+            out["nonce"] = request.nonce.hex()
+        return request
+
+    def apply_credit(self, grant: CreditGrant) -> dict[str, Any]:
+        """Download Postage Value, second half: verify the provider's grant and credit it."""
+        with self._service(
+            Service.DOWNLOAD_POSTAGE_VALUE, step="apply", transaction_id=grant.transaction_id.hex()
+        ) as out:
+            registers = self._require_meter().apply_credit(grant)
+            out.update(
+                amount=grant.amount, ascending=registers.ascending, descending=registers.descending
+            )
+        return _credited(grant, registers)
+
+    def download_postage_value(
+        self, obtain: Callable[[CreditRequest], CreditGrant]
+    ) -> dict[str, Any]:
+        """Both halves at once, with ``obtain`` getting the provider's grant in between."""
+        return self.apply_credit(obtain(self.request_credit()))
+
+    def withdraw_psd(self) -> dict[str, Any]:
+        """Take the device out of service for good; the final registers go to the provider."""
+        with self._service(Service.WITHDRAW_PSD) as out:
+            meter = self._require_meter()
+            at = self.meter_now().isoformat()
+            meter.commit_state(meter.state.next(withdrawn_at=at, signing_key_active=False))
+            r = meter.registers
+            out.update(ascending=r.ascending, descending=r.descending, piece_count=r.sequence)
+        return {
+            "withdrawn_at": at,
+            "ascending": r.ascending,
+            "descending": r.descending,
+            "piece_count": r.sequence,
+            "device_serial": meter.identity.device_serial,
+        }
+
+    # -- customer: Create Indicium, Create Correction Indicium ------------------
+
+    def create_indicium(self, request: IssueRequest) -> Indicium:
+        if request.correction_of is not None:
+            raise InvalidInput("a correction is Create Correction Indicium, not Create Indicium")
+        with self._service(Service.CREATE_INDICIUM, audit_ok=False, postage=request.postage) as out:
+            return self._issue(Service.CREATE_INDICIUM, request, out)
+
+    def create_correction_indicium(self, request: IssueRequest, original: int) -> Indicium:
+        """Additional postage for a piece already stamped by this meter (sequence ``original``)."""
+        with self._service(
+            Service.CREATE_CORRECTION_INDICIUM,
+            audit_ok=False,
+            postage=request.postage,
+            original=original,
+        ) as out:
+            corrected = replace(request, correction_of=original)
+            return self._issue(Service.CREATE_CORRECTION_INDICIUM, corrected, out)
+
+    def _issue(self, service: Service, request: IssueRequest, out: dict[str, Any]) -> Indicium:
+        """The debit, the signature and the audit record, all durable before the return."""
+        meter = self._require_meter()
+        if meter.state.customer is None:
+            raise DeviceLocked("no customer is authorized on this device (Authorize Customer)")
+        if not meter.state.signing_key_active:
+            raise DeviceLocked("the signing key is deactivated (Key Administration)")
+
+        def record(indicium: Indicium) -> None:
+            _audit_indicium(out, indicium)
+            self._record_ok(service, out)
+
+        return meter.issue(request, record=record, also_durable=self._audit_sync)
+
+    def retrieve_psd_status(self) -> dict[str, Any]:
+        """Retrieve PSD Status (Customer): registers, piece count, time."""
+        with self._service(Service.RETRIEVE_PSD_STATUS) as out:
+            meter = self._require_meter()
+            status = meter.status()
+            status["customer"] = meter.state.customer
+            out.update(
+                ascending=status["ascending"],
+                descending=status["descending"],
+                piece_count=status["piece_count"],
+            )
+        return status
+
+    # -- key custodian: Key Exchange --------------------------------------------
+
+    def key_exchange(self) -> dict[str, Any]:
+        """The device's ECDH key for custodian ceremonies: generated in the token once."""
+        with self._service(Service.KEY_EXCHANGE) as out:
+            if not self.token.has_key(KEY_EXCHANGE_LABEL):
+                self.token.generate_key_exchange_keypair(KEY_EXCHANGE_LABEL)
+                self.token.make_durable()
+            public = serialization.load_der_public_key(
+                self.token.public_key_spki(KEY_EXCHANGE_LABEL)
+            )
+            out["key_id"] = key_id(public).hex()
+        return {"public_key_pem": _pem(public), "key_id": out["key_id"]}
+
+    # -- No-Role: Retrieve PSD Public Key, Request Device Audit -------------------
+
+    def retrieve_psd_public_key(self) -> dict[str, Any]:
+        """Retrieve PSD Public Key (No-Role): the signing key's public half and, once the
+        device is unlocked, its certificate chain."""
+        with self._service(Service.RETRIEVE_PSD_PUBLIC_KEY) as out:
+            if not self.token.has_key(SIGNING_KEY_LABEL):
+                raise DeviceLocked("the device has no signing key (not provisioned)")
+            public = serialization.load_der_public_key(
+                self.token.public_key_spki(SIGNING_KEY_LABEL)
+            )
+            certs = self._meter.certificates if self._meter is not None else None
+            chain = (
+                None
+                if certs is None
+                else {
+                    "meter": _cert_pem(certs.meter),
+                    "provider": _cert_pem(certs.provider),
+                    "postal_root": _cert_pem(certs.root),
+                }
+            )
+            result: dict[str, Any] = {
+                "public_key_pem": _pem(public),
+                "key_id": key_id(public).hex(),
+                "certificate_pem": chain["meter"] if chain else None,
+                "certificates": chain,
+            }
+            if chain is None and not self.unlocked:
+                result["note"] = "the certificates show once a logon has unlocked the device"
+            out["key_id"] = result["key_id"]
+        return result
+
+    def request_device_audit(self) -> dict[str, Any]:
+        """Request Device Audit (No-Role): rerun the self-tests; report the device's figures."""
+        with self._service(Service.REQUEST_DEVICE_AUDIT) as out:
+            if self.unlocked:
+                self._open_device()  # reread the records, then the full self-tests
+                report = self.self_tests
+                assert report is not None
+            else:
+                report = self._run_self_tests("on-demand")
+            status = self._status()
+            out["self_tests_passed"] = report.passed
+            if status["registers"] is not None:
+                out["registers"] = status["registers"]
+        return {
+            "self_tests": report.to_json(),
+            "module_state": status["module_state"],
+            "registers": status["registers"],
+            "device_serial": status["device_serial"],
+            "time": status["time"],
+        }
+
+
+def _credited(grant: CreditGrant, registers: Registers) -> dict[str, Any]:
+    return {
+        "amount": grant.amount,
+        "transaction_id": grant.transaction_id.hex(),
+        "descending": registers.descending,
+        "ascending": registers.ascending,
+        "control_total": registers.control_total,
+    }
+
+
+def _audit_indicium(out: dict[str, Any], indicium: Indicium) -> None:
+    out.update(
+        sequence=indicium.sequence,
+        ascending=indicium.ascending,
+        descending=indicium.descending,
+        postage=indicium.postage,
+        flags=indicium.flags,
+        reference_sequence=indicium.reference_sequence,
+    )
+
+
+def _pem(public: Any) -> str:
+    return str(
+        public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
+    )
+
+
+def _cert_pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
