@@ -233,27 +233,25 @@ def test_wrong_expected_fields_or_malformed_bytes_fail() -> None:
 
 
 def test_public_session_opens_without_pin_and_cannot_sign(provisioned: Home) -> None:
+    with open_meter_token(provisioned) as token:
+        spki = token.public_key_spki(SIGNING_KEY_LABEL)
     with open_public(provisioned) as token:
-        assert token.has_key(SIGNING_KEY_LABEL)  # the public half is visible
-        assert token.data_objects(IDENTITY_APPLICATION) == []  # private objects are not
+        # Without the PIN nothing of the device shows, not even a public key's half.
+        assert not token.has_key(SIGNING_KEY_LABEL)
+        assert token.data_objects(IDENTITY_APPLICATION) == []
         with pytest.raises(AccessDenied, match="no user is logged in; sign with key"):
             token.sign(SIGNING_KEY_LABEL, KeyAlgorithm.ECDSA_P256, b"message")
         with pytest.raises(AccessDenied, match="HMAC with key"):
             token.hmac(MAC_KEY_LABEL, b"body")
-        result = pairwise_consistency(
-            token,
-            SIGNING_KEY_LABEL,
-            KeyAlgorithm.ECDSA_P256,
-            token.public_key_spki(SIGNING_KEY_LABEL),
-        )
+        result = pairwise_consistency(token, SIGNING_KEY_LABEL, KeyAlgorithm.ECDSA_P256, spki)
         assert not result.passed and "no user is logged in" in result.detail
 
 
 def test_login_logout_round_trip(provisioned: Home) -> None:
     pin = USER_PIN
     with open_public(provisioned) as token:
-        spki = token.public_key_spki(SIGNING_KEY_LABEL)
         token.login(pin)
+        spki = token.public_key_spki(SIGNING_KEY_LABEL)
         assert token.login_state == "user"
         assert len(token.data_objects(IDENTITY_APPLICATION)) == 1
         assert pairwise_consistency(token, SIGNING_KEY_LABEL, KeyAlgorithm.ECDSA_P256, spki).passed
@@ -281,9 +279,9 @@ def test_wrong_pin_is_refused_without_the_pin_in_the_message(provisioned: Home) 
         assert wrong not in str(caught.value)
         assert USER_PIN not in str(caught.value)
         assert token.login_state is None  # still a usable public session
-        assert token.has_key(SIGNING_KEY_LABEL)
+        assert all(r.passed for r in run_token_kats(token))
         token.login(USER_PIN)
-        assert token.login_state == "user"
+        assert token.login_state == "user" and token.has_key(SIGNING_KEY_LABEL)
 
 
 def test_an_so_session_needs_a_pin(provisioned: Home) -> None:

@@ -53,7 +53,6 @@ class CertifyingParty:
             CERT_APPLICATION,
             "certificate",
             cert.public_bytes(serialization.Encoding.DER),
-            private=False,
         )
         self.token.make_durable()
         self._certificate = cert

@@ -557,10 +557,12 @@ class FirmwareCore:
             return ModuleState.WITHDRAWN
         if self._error is not None:
             return ModuleState.ERROR
-        if not self.token.has_key(SIGNING_KEY_LABEL):
-            return ModuleState.UNINITIALIZED
+        if not self.unlocked:
+            # Every object in the token is private: before a logon, only the user store
+            # tells a provisioned device (it has users) from a new one.
+            return ModuleState.LOCKED if self.users.count() else ModuleState.UNINITIALIZED
         if self._meter is None:
-            return ModuleState.LOCKED
+            return ModuleState.UNINITIALIZED
         if self._meter.certificates is None:
             return ModuleState.INITIALIZED
         return ModuleState.AUTHORIZED
@@ -616,11 +618,7 @@ class FirmwareCore:
             (KEY_EXCHANGE_LABEL, "private"),
         ):
             if not logged_on:
-                # Without a session only the public halves are shown.
-                if kind == "private" and self.token.has_key(label):  # its public half shows
-                    keys[label] = {"present": True, "detail": "log on to inspect"}
-                else:
-                    keys[label] = {"present": None, "detail": "log on to inspect"}
+                keys[label] = {"present": None, "detail": "log on to inspect"}
                 continue
             if not self.token.has_key(label):
                 keys[label] = {"present": False}

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from meter.errors import DeviceLocked, InvalidInput
 from meter.indicium import Indicium, key_id
 from meter.protocol.credit import CreditGrant, CreditRequest
-from meter.psd.device import SIGNING_KEY_LABEL, IssueRequest
+from meter.psd.device import IssueRequest
 from meter.psd.firmware_core import KEY_EXCHANGE_LABEL, FirmwareCore
 from meter.psd.registers import Registers
 from meter.psd.roles import Service
@@ -157,15 +157,12 @@ class MeterServices(FirmwareCore):
     # -- No-Role: Retrieve PSD Public Key, Request Device Audit -------------------
 
     def retrieve_psd_public_key(self) -> dict[str, Any]:
-        """Retrieve PSD Public Key (No-Role): the signing key's public half and, once the
-        device is unlocked, its certificate chain."""
+        """Retrieve PSD Public Key (No-Role): the signing key's public half and its
+        certificate chain, once a logon has unlocked the device."""
         with self._service(Service.RETRIEVE_PSD_PUBLIC_KEY) as out:
-            if not self.token.has_key(SIGNING_KEY_LABEL):
-                raise DeviceLocked("the device has no signing key (not provisioned)")
-            public = serialization.load_der_public_key(
-                self.token.public_key_spki(SIGNING_KEY_LABEL)
-            )
-            certs = self._meter.certificates if self._meter is not None else None
+            meter = self._require_meter()  # every key object is private: read once unlocked
+            public = serialization.load_der_public_key(meter.public_key_spki)
+            certs = meter.certificates
             chain = (
                 None
                 if certs is None
@@ -181,8 +178,6 @@ class MeterServices(FirmwareCore):
                 "certificate_pem": chain["meter"] if chain else None,
                 "certificates": chain,
             }
-            if chain is None and not self.unlocked:
-                result["note"] = "the certificates show once a logon has unlocked the device"
             out["key_id"] = result["key_id"]
         return result
 

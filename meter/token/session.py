@@ -232,10 +232,21 @@ class Token:
     def _key(self, session: pkcs11.Session, object_class: ObjectClass, label: str) -> Any:
         key = self._keys.get((object_class, label))
         if key is None:
-            key = self._keys[(object_class, label)] = session.get_key(
-                object_class=object_class, label=label
-            )
+            key = self._keys[(object_class, label)] = self._one(session, object_class, label)
         return key
+
+    def _one(self, session: pkcs11.Session, object_class: ObjectClass, label: str) -> Any:
+        """The one private token object of ``object_class`` labelled ``label``.
+
+        Only private objects count, everywhere in this class: anyone may create public
+        objects without a PIN, so a public key, certificate or "private key" object
+        made by somebody else under one of our labels must be invisible, never chosen.
+        """
+        found = list(session.get_objects(_private(label, object_class)))
+        if len(found) != 1:
+            what = "no" if not found else f"{len(found)}"
+            raise TokenError(f"{self.where}: {what} private {object_class.name} '{label}'")
+        return found[0]
 
     @property
     def serial(self) -> str:
@@ -255,9 +266,11 @@ class Token:
         }
 
     def _public_template(self, label: str) -> dict[Attribute, Any]:
+        # The public half is private to the token's user too: nobody without the PIN
+        # can read, delete or replace it (Retrieve PSD Public Key is the device's job).
         return {
             Attribute.TOKEN: True,
-            Attribute.PRIVATE: False,
+            Attribute.PRIVATE: True,
             Attribute.VERIFY: True,
             Attribute.LABEL: label,
             Attribute.ID: label.encode(),
@@ -299,7 +312,7 @@ class Token:
     def public_key_spki(self, label: str) -> bytes:
         """The DER SubjectPublicKeyInfo of the public key labelled ``label``."""
         with self._call(f"read public key '{label}'") as s:
-            key: Any = s.get_key(object_class=ObjectClass.PUBLIC_KEY, label=label)
+            key: Any = self._one(s, ObjectClass.PUBLIC_KEY, label)
             key_type = key.key_type
             if key_type == KeyType.EC:
                 return bytes(encode_ec_public_key(key))
@@ -312,12 +325,12 @@ class Token:
 
     def has_key(self, label: str) -> bool:
         with self._call(f"look up key '{label}'") as s:
-            return any(True for _ in s.get_objects({Attribute.LABEL: label, Attribute.TOKEN: True}))
+            return any(True for _ in s.get_objects(_private(label)))
 
     def key_attributes(self, label: str, kind: KeyKind) -> dict[str, bool]:
         """Security attributes of a stored key, read back from the token."""
         with self._call(f"read attributes of '{label}'") as s:
-            key = s.get_key(object_class=_KEY_CLASSES[kind], label=label)
+            key = self._one(s, _KEY_CLASSES[kind], label)
             return {
                 "sensitive": bool(key[Attribute.SENSITIVE]),
                 "extractable": bool(key[Attribute.EXTRACTABLE]),
@@ -385,7 +398,7 @@ class Token:
     def destroy_key(self, label: str) -> None:
         self._keys = {k: v for k, v in self._keys.items() if k[1] != label}
         with self._call(f"destroy key '{label}'") as s:
-            for obj in list(s.get_objects({Attribute.LABEL: label, Attribute.TOKEN: True})):
+            for obj in list(s.get_objects(_private(label))):
                 obj.destroy()
 
     def random(self, length: int) -> bytes:
@@ -413,10 +426,14 @@ class Token:
         return DataObject(label, value, obj)
 
     def data_objects(self, application: str) -> list[DataObject]:
-        """Every data object of ``application`` in the token, in no particular order."""
+        """Every private data object of ``application`` in the token, in no particular order."""
         with self._call(f"list data objects of '{application}'") as s:
             found = s.get_objects(
-                {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: application}
+                {
+                    Attribute.CLASS: ObjectClass.DATA,
+                    Attribute.APPLICATION: application,
+                    Attribute.PRIVATE: True,  # see _one: public ones are anybody's
+                }
             )
             return [
                 DataObject(str(obj[Attribute.LABEL]), bytes(obj[Attribute.VALUE]), obj)
@@ -459,6 +476,17 @@ class Token:
                 )
         finally:
             os.close(fd)
+
+
+def _private(label: str, object_class: ObjectClass | None = None) -> dict[Attribute, Any]:
+    template: dict[Attribute, Any] = {
+        Attribute.LABEL: label,
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: True,
+    }
+    if object_class is not None:
+        template[Attribute.CLASS] = object_class
+    return template
 
 
 def _login_what(so: bool, pin: str | None) -> str:
