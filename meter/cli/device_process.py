@@ -66,6 +66,15 @@ def serve(ctx: click.Context, group: str | None, idle_timeout: int) -> None:
         serve_home(home, group, timedelta(minutes=idle_timeout), ctx)
 
 
+@device_group.command("openapi")
+@click.pass_context
+def openapi(ctx: click.Context) -> None:
+    """Print the device API's OpenAPI description (JSON); no device needed."""
+    from meter.psd.server import openapi_description
+
+    click.echo(json.dumps(openapi_description(), indent=1, sort_keys=True))
+
+
 def serve_home(home: Home, group: str | None, idle: timedelta, ctx: click.Context) -> None:
     from meter.psd.daemon import DeviceOptions, serve_device  # only the device needs the server
 

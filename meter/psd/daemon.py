@@ -43,7 +43,7 @@ from meter.errors import ConfigurationError, MeterError, TokenUnavailable
 from meter.psd.firmware import PSD
 from meter.psd.host_session import peer_of_socket
 from meter.psd.roles import Role
-from meter.psd.server import LINK_STATE_KEY, PEER_STATE_KEY, FirmwareThread, create_device_app
+from meter.psd.server import LINK_STATE_KEY, PEER_STATE_KEY, FirmwareThread, device_asgi
 from meter.token import Token
 
 __all__ = ["REAP_INTERVAL_S", "DeviceOptions", "bind_device_socket", "serve_device"]
@@ -107,7 +107,7 @@ def _run(
     firmware: FirmwareThread, sock: socket.socket, keep_alive: int, on_ready: Callable[[], None]
 ) -> None:
     config = uvicorn.Config(
-        create_device_app(firmware),
+        device_asgi(firmware),
         http=_peer_protocol(firmware),
         lifespan="off",
         log_level="warning",

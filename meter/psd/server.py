@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from datetime import date, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,6 +42,8 @@ __all__ = [
     "PEER_STATE_KEY",
     "FirmwareThread",
     "create_device_app",
+    "device_asgi",
+    "openapi_description",
 ]
 
 MAX_REQUEST_BYTES = 64 * 1024  # the largest real request (a certificate chain) is ~3 KB
@@ -358,7 +360,17 @@ def create_device_app(firmware: FirmwareThread) -> FastAPI:
     async def delete_audit(request: Request) -> dict[str, Any]:
         return await run(request, PSD.delete_audit_records)
 
-    return _IssueFastPath(app, firmware, MAX_REQUEST_BYTES)  # type: ignore[return-value]
+    return app
+
+
+def device_asgi(firmware: FirmwareThread) -> ASGIApp:
+    """What the device serves: the API, with Create Indicium's fast path in front of it."""
+    return _IssueFastPath(create_device_app(firmware), firmware, MAX_REQUEST_BYTES)
+
+
+def openapi_description() -> dict[str, Any]:
+    """The API's OpenAPI description, without a device (for docs/device-openapi.json)."""
+    return create_device_app(FirmwareThread(cast(PSD, None))).openapi()
 
 
 async def _issue(
