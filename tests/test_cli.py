@@ -126,6 +126,7 @@ BAD_ISSUES = [
     (["--postage", "0.73", "--date", "2026-13-01"], "not YYYY-MM-DD"),
     (["--postage", "9999.00"], "exceeds the descending register"),
     (["--postage", "0.73", "--to", "Jane\u0007Doe|1 Main St"], "cannot be printed"),
+    (["--postage", "0.73", "--out", "/dev/null/label"], "nothing was issued"),
 ]
 
 

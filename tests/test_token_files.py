@@ -371,3 +371,32 @@ def test_sigkill_during_login_loses_no_token(guarded: Guarded) -> None:
     if caught:
         assert "was empty (0 bytes)" in restored[0].reason
     assert open_in_child(g) == 2
+
+
+def test_a_token_another_process_holds_is_left_to_its_holder(guarded: Guarded) -> None:
+    # While a process holds the token (the device: it logs in and rewrites the file),
+    # an empty token.object may be a login in progress: nobody else touches it.
+    guarded.live.write_bytes(b"")
+    locks = guarded.home / "locks"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT);"
+            " fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+            str(locks / f"token-{LABEL}.lock"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        assert guard_token_files(token_dir(guarded.home), guarded.copies, locks) == []
+        assert guarded.live.read_bytes() == b""
+    finally:
+        holder.communicate("")
+    # Released: the next guard puts it back.
+    (entry,) = guard_token_files(token_dir(guarded.home), guarded.copies, locks)
+    assert entry.label == LABEL and "was empty" in entry.reason
+    assert open_in_child(guarded) >= 2

@@ -425,12 +425,24 @@ def add_audit_commands(audit: click.Group) -> None:
         """View the audit log (Auditor)."""
         with errors(ctx), device(ctx) as client:
             query = "" if since is None else f"?since={since}"
-            rows = client.get(f"/v1/audit{query}")["records"]
+            rows = [
+                {
+                    "index": r["index"],
+                    "at": r["at"],
+                    "user": r["user_id"],
+                    "role": r["role"],
+                    "service": r["service"],
+                    "outcome": r["outcome"],
+                    "kind": r["kind"],
+                    "values": r["values"],
+                }
+                for r in client.get(f"/v1/audit{query}")["records"]
+            ]
             emit(
                 ctx,
                 {"records": rows},
                 lambda: "\n".join(
-                    f"{r['index']:>6} {r['at']} {r['user_id'] or '-':<12} {r['role']:<22} "
+                    f"{r['index']:>6} {r['at']} {r['user'] or '-':<12} {r['role']:<22} "
                     f"{r['service']:<28} {r['outcome']} {_plain(r['values'])}"
                     for r in rows
                 ),

@@ -111,7 +111,9 @@ class Home:
         if self.profile.softhsm_conf is not None:
             ensure_conf(self.profile, self.path)  # the home may have been moved or copied
             # Before the module reads the token files (C_Initialize).
-            found = guard_token_files(token_dir(self.path), token_copies_dir(self.path))
+            found = guard_token_files(
+                token_dir(self.path), token_copies_dir(self.path), self.path / "locks"
+            )
             if restored is not None:
                 restored.extend(found)
             for entry in found if restored is None else []:

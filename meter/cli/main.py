@@ -27,7 +27,7 @@ __all__ = ["cli", "main"]
 @click.group()
 @click.option(
     "--home",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(file_okay=False, readable=False, path_type=Path),  # a client may not list it
     envvar="METER_HOME",
     default=Path("~/.meter"),
     show_default=True,

@@ -10,6 +10,7 @@ token.
 from __future__ import annotations
 
 import secrets
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from meter.cli.home import Home
+from meter.errors import ConfigurationError
 from meter.host import DeviceClient
 from meter.indicium import Indicium
 from meter.label import LabelInfo, render_label, write_label
@@ -75,13 +77,33 @@ def issue_on(
     """
     lines = request.address_lines()
     render_label(bytes(_PLACEHOLDER_LENGTH), _placeholder_info(request, lines))
+    folder = out.parent if out is not None else labels
+    _require_writable(folder)  # a label that cannot be saved must not spend a piece
     indicium = client.issue(request)
     label = render_label(indicium.to_bytes(), label_info(indicium, lines))
     stem = out or labels / f"{indicium.device_serial}-{indicium.sequence:06d}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
     png, pdf = stem.with_suffix(".png"), stem.with_suffix(".pdf")
-    write_label(label, png, pdf)
+    try:
+        write_label(label, png, pdf)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"piece {indicium.sequence} was issued, but its label could not be written to "
+            f"{png} ({exc.strerror or exc}); the indicium, to print it again: "
+            f"{indicium.to_bytes().hex()}"
+        ) from exc
     return IssuedLabel(indicium, png, pdf)
+
+
+def _require_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ConfigurationError(
+            f"labels cannot be written to {folder} ({exc.strerror or exc}): choose a folder "
+            "of your own with --out; nothing was issued"
+        ) from exc
 
 
 def _placeholder_info(request: IssueRequest, lines: Sequence[str]) -> LabelInfo:

@@ -128,7 +128,7 @@ class DeviceClient:
             except PermissionError as exc:
                 raise errors.AccessDenied(
                     f"{self.socket_path}: permission denied: this account is not in the group "
-                    "the device serves (see docs/device.md, Accounts)"
+                    "the device serves (see docs/device.md, 'Accounts and file modes')"
                 ) from exc
             except OSError as exc:
                 raise self._not_running() from exc

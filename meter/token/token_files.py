@@ -15,9 +15,12 @@ The copies live in ``copies/<token-folder-name>/token.object``: never inside
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,7 +205,7 @@ def _require_apart(tokens: Path, copies: Path) -> None:
         )
 
 
-def guard_token_files(tokens: Path, copies: Path) -> list[Restored]:
+def guard_token_files(tokens: Path, copies: Path, locks: Path | None = None) -> list[Restored]:
     """Check every token's token.object under ``tokens``; put back broken ones from ``copies``.
 
     Call this BEFORE the PKCS#11 module is initialized (C_Initialize, i.e.
@@ -216,6 +219,10 @@ def guard_token_files(tokens: Path, copies: Path) -> list[Restored]:
     folder fsync, mode 0600) by its verified copy, and reported in the list
     returned. Raises TokenError naming the file when it is broken and there
     is no good copy: the token's keys are lost until the file is restored.
+
+    With ``locks`` (the folder of meter.token.Token's process locks), a token
+    that another process holds open is left alone: its file looks empty while
+    that process logs in and rewrites it, and only the holder may touch it.
     """
     _require_apart(tokens, copies)
     restored: list[Restored] = []
@@ -239,15 +246,42 @@ def guard_token_files(tokens: Path, copies: Path) -> list[Restored]:
                 f"{live} is {problem}, and its copy {copy} is {broken}: the token and its "
                 "keys cannot be opened until token.object is restored from a backup"
             ) from None
-        try:
-            write_atomically(live, good.raw, mode=0o600)
-        except OSError as exc:
-            raise TokenError(
-                f"{live} is {problem}; restoring it from {copy} failed: {exc.strerror or exc}"
-            ) from exc
         label = good.label.decode("utf-8", "replace").rstrip()
+        with _unless_in_use(locks, label) as free:
+            if not free:
+                continue
+            try:
+                _read_settled(live)
+                continue  # it was a login in progress, now finished
+            except _Broken:
+                pass
+            try:
+                write_atomically(live, good.raw, mode=0o600)
+            except OSError as exc:
+                raise TokenError(
+                    f"{live} is {problem}; restoring it from {copy} failed: {exc.strerror or exc}"
+                ) from exc
         restored.append(Restored(folder, label, f"{live} was {problem}; restored from {copy}"))
     return restored
+
+
+@contextlib.contextmanager
+def _unless_in_use(locks: Path | None, label: str) -> Iterator[bool]:
+    """Hold the token's process lock (as meter.token.Token.open takes it) if it is free."""
+    if locks is None:
+        yield True
+        return
+    locks.mkdir(parents=True, exist_ok=True)
+    fd = os.open(locks / f"token-{label}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False  # its holder opened it with a good file and may be rewriting it now
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 def keep_verified_copy(tokens: Path, copies: Path, label: str) -> bool:
