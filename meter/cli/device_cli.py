@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -353,10 +354,12 @@ def register(cli: click.Group) -> None:
             *(["--json"] if root.obj.get("json") else []),
         ]
         user = root.obj.get("user")
+        # A prompt only at a terminal: piped, the output is the commands' alone (JSON lines).
+        prompt = "meter> " if sys.stdin.isatty() else ""
         try:
             while True:
                 try:
-                    line = input("meter> ")
+                    line = input(prompt)
                 except EOFError:
                     break
                 try:

@@ -110,6 +110,11 @@ class DeviceClient:
         try:
             answer = json.loads(payload)
         except ValueError as exc:
+            if response.status >= 500:  # refused before the API answered (the server itself)
+                text = payload[:200].decode("utf-8", "replace").strip()
+                raise errors.TokenUnavailable(
+                    f"the device on {self.socket_path} answered {response.status} ({text})"
+                ) from exc
             raise ProtocolError(
                 f"the device sent a reply that is not JSON ({len(payload)} bytes)"
             ) from exc

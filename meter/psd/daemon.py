@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import errno
 import grp
+import json
 import os
 import select
 import signal
@@ -50,6 +51,8 @@ __all__ = ["REAP_INTERVAL_S", "DeviceOptions", "bind_device_socket", "serve_devi
 
 REAP_INTERVAL_S = 0.5  # how soon a session whose client process died is ended, at the latest
 MAX_CONNECTIONS = 64  # local clients; more are answered 503 until one closes
+MAX_CONNECTIONS_PER_ACCOUNT = 16  # so that one account's idle connections lock nobody else out
+FIRST_REQUEST_WITHIN_S = 10.0  # a connection that sends nothing is closed after this
 _SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
@@ -73,7 +76,11 @@ def serve_device(
     ``restored`` lists (token label, reason) of token files restored before the
     module was loaded; each gets an audit record.
     """
-    sock = bind_device_socket(options.socket, options.group)
+    try:
+        sock = bind_device_socket(options.socket, options.group)
+    except BaseException:
+        token.close()  # a refused start must not keep the home's token lock
+        raise
     try:
         psd = PSD.power_up(token, options.device_folder, idle_timeout=options.idle_timeout)
     except BaseException:
@@ -115,7 +122,8 @@ def _run(
         server_header=False,
         date_header=False,
         timeout_keep_alive=keep_alive,
-        limit_concurrency=MAX_CONNECTIONS,
+        # A backstop only: _peer_protocol refuses first, in the API's own error shape.
+        limit_concurrency=MAX_CONNECTIONS + 1,
     )
     server = uvicorn.Server(config)
 
@@ -182,6 +190,8 @@ def _peer_protocol(firmware: FirmwareThread) -> type[asyncio.Protocol]:
     except ImportError:  # httptools is optional: h11 is slower but equivalent
         from uvicorn.protocols.http.h11_impl import H11Protocol as Base  # type: ignore[assignment]
 
+    open_by_account: dict[int | None, int] = {}
+
     class PeerProtocol(Base):
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -191,20 +201,56 @@ def _peer_protocol(firmware: FirmwareThread) -> type[asyncio.Protocol]:
             except OSError:
                 peer = None
             self._meter_link = _Link(sock.fileno())
+            self._meter_account = peer.uid if peer is not None else None
+            self._meter_spoke = False
             # Each request's scope gets a copy of this dict as its "state".
             self.app_state = {
                 **self.app_state,
                 PEER_STATE_KEY: peer,
                 LINK_STATE_KEY: self._meter_link,
             }
+            mine = open_by_account.get(self._meter_account, 0) + 1
+            open_by_account[self._meter_account] = mine
+            if (
+                mine > MAX_CONNECTIONS_PER_ACCOUNT
+                or sum(open_by_account.values()) > MAX_CONNECTIONS
+            ):
+                _refuse_connection(
+                    transport,
+                    f"too many connections to the device ({mine} from this account; at most "
+                    f"{MAX_CONNECTIONS_PER_ACCOUNT} per account and {MAX_CONNECTIONS} in all): "
+                    "close some and retry",
+                )
+                return
+            asyncio.get_running_loop().call_later(FIRST_REQUEST_WITHIN_S, self._meter_silent)
+
+        def data_received(self, data: bytes) -> None:
+            self._meter_spoke = True
+            super().data_received(data)
+
+        def _meter_silent(self) -> None:
+            if not self._meter_spoke and not self._meter_link.closed():
+                self.transport.close()  # connected and never asked anything
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._meter_link.mark_closed()
+            open_by_account[self._meter_account] -= 1
             super().connection_lost(exc)
             # A session opened over this connection ends now, not at the next reap.
             asyncio.get_running_loop().create_task(firmware.reap())
 
     return PeerProtocol
+
+
+def _refuse_connection(transport: Any, message: str) -> None:
+    """An answer in the API's error shape to a request not yet sent, then close."""
+    body = json.dumps({"error": "TokenUnavailable", "message": message}).encode()
+    transport.write(
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+        + body
+    )
+    transport.close()
 
 
 # -- the socket ------------------------------------------------------------------------

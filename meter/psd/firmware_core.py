@@ -203,8 +203,10 @@ class FirmwareCore:
             refusal = None if credential is None else "no session is open"
             current = _Request(False, refusal)
         else:
+            # A session is open (someone else's, or this client's without its credential):
+            # say why this request is not it, rather than "nobody is logged on".
             refusal = session.binding.refusal(credential, peer)
-            current = _Request(refusal is None, None if credential is None else refusal)
+            current = _Request(refusal is None, refusal)
         previous, self._request = self._request, current
         try:
             yield
