@@ -1,8 +1,9 @@
 """The device's firmware: one user at a time, every service of Table 2 behind its roles.
 
 `PSD` puts together the core (meter.psd.firmware_core: power, the service
-boundary, sessions, self-tests, status) and the services, grouped by what
-they manage (meter.psd.services_admin, meter.psd.services_meter). The
+boundary, sessions, self-tests), the status reports (meter.psd.services_status)
+and the services, grouped by what they manage (meter.psd.services_admin,
+meter.psd.services_meter). The
 device process (meter.psd.daemon) is the only one that holds a PSD; every
 user reaches it as a client of the device's socket.
 """

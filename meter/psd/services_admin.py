@@ -11,8 +11,9 @@ from cryptography.hazmat.primitives import serialization
 
 from meter.errors import DeviceLocked, InvalidInput
 from meter.psd.audit import AuditRecord, audit_key_id
-from meter.psd.firmware_core import AUDIT_KEY_LABEL, FirmwareCore
+from meter.psd.firmware_core import AUDIT_KEY_LABEL
 from meter.psd.roles import Role, Service
+from meter.psd.services_status import StatusServices
 from meter.token import KeyAlgorithm
 
 __all__ = ["AdminServices", "secrets_for"]
@@ -41,7 +42,7 @@ def secrets_for(role: Role, held: dict[str, str]) -> dict[str, str]:
     return {name: held[name] for name in wanted}
 
 
-class AdminServices(FirmwareCore):
+class AdminServices(StatusServices):
     # -- users: Create, Modify, Delete, View, Change User Password -----------
 
     def _require_administration(self) -> None:

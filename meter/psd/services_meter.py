@@ -16,16 +16,17 @@ from meter.errors import DeviceLocked, InvalidInput
 from meter.indicium import Indicium, key_id
 from meter.protocol.credit import CreditGrant, CreditRequest
 from meter.psd.device import IssueRequest
-from meter.psd.firmware_core import KEY_EXCHANGE_LABEL, FirmwareCore
+from meter.psd.firmware_core import KEY_EXCHANGE_LABEL
 from meter.psd.registers import Registers
 from meter.psd.roles import Service
+from meter.psd.services_status import StatusServices
 
 __all__ = ["MeterServices"]
 
 _CUSTOMER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
-class MeterServices(FirmwareCore):
+class MeterServices(StatusServices):
     # -- certificate authority: Authorize PSD ----------------------------------
 
     def authorize_psd(
