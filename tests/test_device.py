@@ -52,6 +52,7 @@ from tests.conftest import (
     TEST_PASSWORDS,
     TEST_PINS,
     TEST_POLICY,
+    open_meter_token,
     require_service,
     set_up,
 )
@@ -329,6 +330,21 @@ def test_a_regular_file_at_the_socket_path_is_refused_and_left_alone(provisioned
     assert f"{provisioned.socket} exists and is not a socket" in result.stderr
     assert stat.S_ISREG(os.lstat(provisioned.socket).st_mode)
     assert provisioned.socket.read_text() == "not yours\n"
+
+
+def test_a_refused_start_in_process_frees_the_home_for_the_next(provisioned: Home) -> None:
+    # In one process (CliRunner): a start refused after the token was opened (an unknown
+    # socket group, a regular file at the socket path) must close it, or its lock would
+    # keep every later start out.
+    unknown = _cli("--home", str(provisioned.path), "device", "serve", "--group", "no-such-grp")
+    assert unknown.exit_code == 1 and "socket group 'no-such-grp' does not exist" in unknown.stderr
+    provisioned.socket.parent.mkdir(parents=True, exist_ok=True)
+    provisioned.socket.write_text("not yours\n")
+    refused = _cli("--home", str(provisioned.path), "device", "serve")
+    assert refused.exit_code == 1 and "is not a socket" in refused.stderr
+    provisioned.socket.unlink()
+    with open_meter_token(provisioned) as token:  # the lock is free again
+        assert token.login_state == "user"
 
 
 # == 2. bad requests change nothing ======================================================

@@ -81,11 +81,14 @@ def serve_home(home: Home, group: str | None, idle: timedelta, ctx: click.Contex
     restored: list[Restored] = []
     token = home.open_device_token(restored)  # the home's lock: a second device stops here
     try:
-        gid = grp.getgrnam(group).gr_gid if group else os.getegid()
-    except KeyError:
-        token.close()
-        raise ConfigurationError(f"socket group '{group}' does not exist") from None
-    home.secure(gid)
+        try:
+            gid = grp.getgrnam(group).gr_gid if group else os.getegid()
+        except KeyError:
+            raise ConfigurationError(f"socket group '{group}' does not exist") from None
+        home.secure(gid)
+    except BaseException:
+        token.close()  # a refused start must not keep the home's token lock
+        raise
     options = DeviceOptions(home.socket, home.device, group, idle)
 
     def ready(psd: Any) -> None:

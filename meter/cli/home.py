@@ -130,12 +130,18 @@ class Home:
     def secure(self, gid: int) -> None:
         """The device's account alone reads the home; the socket's group may only pass
         through it to ``run/``. Top-level entries suffice: nobody else gets below them."""
-        os.chown(self.path, -1, gid)
-        os.chmod(self.path, 0o710)
-        for entry in self.path.iterdir():
-            if entry.name == "run" or entry.is_symlink():
-                continue
-            os.chmod(entry, 0o700 if entry.is_dir() else 0o600)
+        try:
+            os.chown(self.path, -1, gid)
+            os.chmod(self.path, 0o710)
+            for entry in self.path.iterdir():
+                if entry.name == "run" or entry.is_symlink():
+                    continue
+                os.chmod(entry, 0o700 if entry.is_dir() else 0o600)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot give {self.path} to group {gid} with mode 0710 ({exc.strerror or exc}): "
+                "the device's account must own its home and be a member of the socket's group"
+            ) from exc
 
     def token_label(self, party: str) -> str:
         labels = self.profile.labels

@@ -261,9 +261,14 @@ def bind_device_socket(path: Path, group: str | None) -> socket.socket:
     path = Path(path)
     gid = _gid(group)
     folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    os.chown(folder, -1, gid)
-    os.chmod(folder, 0o750)  # the group may reach the socket; nobody else
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chown(folder, -1, gid)
+        os.chmod(folder, 0o750)  # the group may reach the socket; nobody else
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot prepare the socket's folder {folder} for group {gid}: {exc.strerror or exc}"
+        ) from exc
     _clear_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
