@@ -643,6 +643,33 @@ def test_a_second_logon_while_a_session_is_open_names_the_holder(device: Shared)
         assert session["user_id"] == "customer" and session["yours"]
 
 
+def test_an_idle_client_keeps_the_connection_its_session_lives_on(
+    device: Shared, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The client opens an idle connection again only while it holds no session: with one,
+    # a new connection would leave the session's own to be closed, and the session with it.
+    from meter.host import client as host_client
+
+    monkeypatch.setattr(host_client, "_RECONNECT_AFTER_S", 0.0)  # every gap counts as idle
+    home = device.home
+    last = _last_index(home)
+    with DeviceClient(home.socket) as anybody:
+        assert anybody.get("/v1/status")["role"] == "no-role"
+        assert anybody.get("/v1/status")["role"] == "no-role"  # on a fresh connection
+    with DeviceClient(home.socket) as customer:
+        customer.logon(*ROLE_USERS["customer"])
+        for _ in range(3):
+            time.sleep(0.01)
+            assert customer.get("/v1/psd-status")["piece_count"] >= 0
+        during = [r for r in _since(home, last) if r["service"] == "session-end"]
+        assert during == [], "the session ended while its client was still there"
+    deadline = time.monotonic() + POLL_LIMIT_S
+    while not (ends := [r for r in _since(home, last) if r["service"] == "session-end"]):
+        assert time.monotonic() < deadline, "the session did not end when its client closed"
+        time.sleep(0.05)
+    assert [r["values"]["reason"] for r in ends] == ["client-gone"]
+
+
 def test_a_session_ends_when_its_connection_closes(device: Shared) -> None:
     home = device.home
     last = _last_index(home)

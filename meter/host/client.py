@@ -30,7 +30,11 @@ from meter.protocol.issue import IssueRequest
 
 __all__ = ["DeviceClient"]
 
-_RECONNECT_AFTER_S = 60.0  # well inside the device's keep-alive: never race its close
+# Without a session, an idle connection is opened again after this, well inside the
+# device's keep-alive, so a request never races the device closing it. With a session the
+# connection is kept whatever the wait: the session lives on the connection it logged on
+# over, and the device closes that one only after the session's idle timeout.
+_RECONNECT_AFTER_S = 60.0
 _SOCKET_PATH_MAX = 107
 
 
@@ -124,7 +128,7 @@ class DeviceClient:
 
     def _connect(self) -> _UnixConnection:
         stale = time.monotonic() - self._last_used > _RECONNECT_AFTER_S
-        if self._connection is not None and stale:
+        if self._connection is not None and stale and self._authorization is None:
             self.close()
         if self._connection is None:
             connection = _UnixConnection(self.socket_path, self._timeout)
@@ -161,11 +165,6 @@ class DeviceClient:
         self._authorization = None
         self.session = None
         return answer
-
-    def forget_session(self) -> None:
-        """Stop presenting the session (it ends when this process exits, or by Logoff)."""
-        self._authorization = None
-        self.session = None
 
     # -- services ----------------------------------------------------------
 

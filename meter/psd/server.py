@@ -1,7 +1,7 @@
 """The device's API: HTTP/JSON over its Unix socket, one route per service of Table 2.
 
-Every route hands its call to the device's one firmware thread
-(`FirmwareThread`), inside ``PSD.request``: the call runs as the open
+Every route hands its call to the firmware (`FirmwareThread`, one call at a
+time), inside ``PSD.request``: the call runs as the open
 session's user only when the request presents that session's credential
 (``Authorization: Bearer ID.SECRET``) from the process that logged on (the
 kernel's ``SO_PEERCRED`` for the connection); otherwise as No-Role. The
@@ -197,9 +197,7 @@ def create_device_app(firmware: FirmwareThread) -> FastAPI:
     app.add_middleware(_RequestLimit, limit=MAX_REQUEST_BYTES)
 
     def run(request: Request, fn: Callable[[PSD], T]) -> Awaitable[T]:
-        peer = request.scope.get("state", {}).get(PEER_STATE_KEY)
-        credential = Credential.parse(request.headers.get("authorization"))
-        return firmware.call(fn, credential, peer)
+        return firmware.call(fn, _credential(request.scope), _peer(request.scope))
 
     @app.exception_handler(MeterError)
     async def meter_error(request: Request, exc: MeterError) -> JSONResponse:
@@ -227,8 +225,7 @@ def create_device_app(firmware: FirmwareThread) -> FastAPI:
     # -- sessions
     @app.post("/v1/logon", summary="Logon (No-Role): opens the session, bound to this process")
     async def logon(request: Request, body: LogonBody) -> dict[str, Any]:
-        state = request.scope.get("state", {})
-        peer, link = state.get(PEER_STATE_KEY), state.get(LINK_STATE_KEY)
+        peer, link = _peer(request.scope), request.scope.get("state", {}).get(LINK_STATE_KEY)
         if peer is None:
             raise errors.AccessDenied("the device cannot tell who is connected: logon refused")
         return await run(request, lambda psd: psd.logon(body.user_id, body.password, peer, link))
