@@ -210,13 +210,14 @@ def bench_verify(seconds: float, count: int = 4096) -> dict[str, Any]:
     }
 
 
-SECTIONS = ("meter", "verify", "replay")
+SECTIONS = ("meter", "verify", "replay", "postoffice")
 
 
 def run_sections(sections: set[str], seconds: float) -> dict[str, Any]:
     """Each section's figures next to the raw rate measured in the same run."""
     from bench_replay import (
         bench_replay_embedded,
+        bench_replay_embedded_trays,
         bench_replay_redis,
         bench_replay_redis_cluster,
     )
@@ -231,12 +232,20 @@ def run_sections(sections: set[str], seconds: float) -> dict[str, Any]:
         report.update(bench_verify_bytes_all_cores(seconds))
     if "replay" in sections:
         report["replay_embedded"] = bench_replay_embedded(seconds)
+        report["replay_embedded_trays"] = bench_replay_embedded_trays(seconds)
         report["replay_redis"] = bench_replay_redis(seconds, REDIS_URL)
         report["replay_redis_cluster"] = bench_replay_redis_cluster(seconds, REDIS_CLUSTER_URL)
         single = report["replay_redis"].get("check_and_set_per_s")
         cluster = report["replay_redis_cluster"].get("check_and_set_per_s")
         if single and cluster:
             report["replay_redis_cluster"]["ratio_to_one_node"] = round(cluster / single, 2)
+    if "postoffice" in sections:
+        from bench_postoffice import bench_postoffice_hostile_images, bench_postoffice_http
+        from bench_redis_aof import bench_replay_redis_aof
+
+        report["postoffice_http"] = bench_postoffice_http(seconds)
+        report["postoffice_hostile_images"] = bench_postoffice_hostile_images(seconds)
+        report["replay_redis_aof"] = bench_replay_redis_aof(seconds)
     return report
 
 
@@ -312,6 +321,55 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, float, str]]:
                 if "ratio_to_one_node" in entry:
                     note += f", {entry['ratio_to_one_node']:.2f} x one node"
                 rows.append((f"{name} pipelined check-and-set", entry["check_and_set_per_s"], note))
+    if "replay_embedded_trays" in report:
+        tr = report["replay_embedded_trays"]
+        rows.append(
+            (
+                f"embedded replay store, sorting-centre trays, {tr['meters']:,} meters",
+                tr["check_and_set_per_s"],
+                f"bitmaps {tr['bytes'] / 1e6:.2f} MB (goal >= 1,000,000/s)",
+            )
+        )
+    if "postoffice_http" in report:
+        ph, hi, aof = (
+            report["postoffice_http"],
+            report["postoffice_hostile_images"],
+            report["replay_redis_aof"],
+        )
+        rows += [
+            ("post office: raw verify + record of one piece, no HTTP", ph["raw_cancel_per_s"], ""),
+            (
+                f"post office HTTP cancel, {ph['clients']} clients",
+                ph["per_s"],
+                f"p50 {ph['p50_ms']} ms, p99 {ph['p99_ms']} ms",
+            ),
+            (
+                "post office HTTP check (nothing recorded)",
+                ph["check"]["per_s"],
+                f"p50 {ph['check']['p50_ms']} ms, p99 {ph['check']['p99_ms']} ms",
+            ),
+            (
+                f"post office HTTP cancel-batch of {ph['batch']['items']}: pieces",
+                ph["batch"]["pieces_per_s"],
+                f"p50 {ph['batch']['p50_ms']} ms, p99 {ph['batch']['p99_ms']} ms a batch",
+            ),
+            (
+                f"hostile images, {hi['in_flight']} in flight: requests answered",
+                hi["per_s"],
+                f"peak RSS {hi['peak_rss_mb']} MB (limit {hi['limit_mb']} MB)",
+            ),
+        ]
+        if "skipped" in aof:
+            rows.append((f"Redis with AOF: skipped ({aof['skipped']})", 0.0, ""))
+        else:
+            rows.append(
+                (
+                    f"Redis check-and-set, AOF appendfsync {aof['appendfsync']}",
+                    aof["check_and_set_per_s"],
+                    f"{aof['check_and_set_per_s'] / aof['aof_off_per_s']:.2f} x AOF off "
+                    f"({aof['aof_off_per_s']:,.0f}/s)",
+                )
+            )
     return rows
 
 
@@ -323,7 +381,7 @@ def main() -> int:
         "--only",
         action="append",
         choices=SECTIONS,
-        help="run only this part (repeatable): meter, verify or replay",
+        help="run only this part (repeatable): meter, verify, replay or postoffice",
     )
     args = parser.parse_args()
     report: dict[str, Any] = {

@@ -7,11 +7,12 @@ import random
 import shutil
 import sqlite3
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import _vectors
 import pytest
-from _vectors import signed
+from _vectors import ECDSA_SERIAL, signed
 from click.testing import CliRunner
 
 from meter.cli.device_process import running_device
@@ -235,8 +236,46 @@ def test_the_ledger_survives_reopening_and_refuses_what_is_not_a_ledger(tmp_path
     other = tmp_path / "other.sqlite"
     with sqlite3.connect(other) as db:
         db.execute("CREATE TABLE t (x)")
-    with pytest.raises(ConfigurationError, match="not a version 1 register ledger"):
+    with pytest.raises(ConfigurationError, match="not a version 2 register ledger"):
         RegisterLedger.open(other)
+
+
+def test_the_ledger_keeps_who_recorded_each_piece_and_when(tmp_path: Path) -> None:
+    first, second = honest([730, 500])
+    verifier = Verifier(
+        _vectors.trust_store(VECTORS), _vectors.revocations(VECTORS), MemoryReplayStore(), TODAY
+    )
+    at = datetime(2026, 12, 2, 9, 30, tzinfo=UTC)
+    with RegisterLedger.open(tmp_path / "registers.sqlite") as ledger:
+        ledger.record(verifier.verify_batch([first]), station="counter-1", at=at)
+        again = verifier.verify_batch([first])
+        assert [r.verdict for r in again] == [Verdict.DUPLICATE]
+        ledger.record(again, station="counter-2")  # same signed part: not a new copy
+        found = ledger.first_accepted([(ECDSA_SERIAL, 1), (ECDSA_SERIAL, 2)])
+        assert found[0] is not None and found[0].to_json() == {
+            "station": "counter-1",
+            "at": "2026-12-02T09:30:00+00:00",
+        }
+        assert found[1] is None  # never accepted here
+        assert [(p.station, p.recorded_at) for p in ledger.pieces()] == [("counter-1", at)]
+        ledger.record(verifier.verify_batch([second]))
+        assert [p.station for p in ledger.pieces()] == ["counter-1", "local"]
+
+
+def test_a_format_1_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "registers.sqlite"
+    with RegisterLedger.open(path) as ledger:
+        verify_into(ledger, [honest([730])])
+    with sqlite3.connect(path) as db:  # what format 1 was: no station, no time
+        db.execute("ALTER TABLE pieces DROP COLUMN station")
+        db.execute("ALTER TABLE pieces DROP COLUMN recorded_at")
+        db.execute("PRAGMA user_version = 1")
+    with RegisterLedger.open(path) as ledger:
+        (only,) = ledger.pieces()
+        assert (only.station, only.recorded_at, only.postage) == ("unknown", None, 730)
+        assert ledger.first_accepted([(ECDSA_SERIAL, 1)])[0] is not None
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
 
 
 @pytest.mark.parametrize(

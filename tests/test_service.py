@@ -34,6 +34,7 @@ from meter.indicium import Algorithm, RateCategory, decode
 from meter.label import render_label
 from meter.postoffice import EmbeddedReplayStore
 from meter.postoffice.service import ServiceConfig, create_app
+from meter.postoffice.stations import StationRegistry
 from meter.psd import IssueRequest
 from tests import _direct as direct
 
@@ -76,6 +77,8 @@ def config(tmp_path: Path, **changes: Any) -> ServiceConfig:
         "ledger": tmp_path / "postoffice" / "registers.sqlite",
         "today": TODAY,
         "max_upload": 256 * 1024,
+        "allowed_hosts": ("testserver", "127.0.0.1"),
+        "stations": tmp_path / "stations.json",
     }
     values.update(changes)
     return ServiceConfig(**values)
@@ -86,9 +89,15 @@ def certs(tmp_path: Path) -> Path:
     return write_cert_dir(tmp_path / "certs")
 
 
+def station_client(settings: ServiceConfig) -> TestClient:
+    """A client of the service that presents a new station key with every request."""
+    key = StationRegistry(settings.stations_file).add(f"counter-{secrets.token_hex(3)}")
+    return TestClient(create_app(settings), headers={"Authorization": f"Bearer {key}"})
+
+
 @pytest.fixture
 def client(tmp_path: Path, certs: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(config(tmp_path))) as test_client:
+    with station_client(config(tmp_path)) as test_client:
         yield test_client
 
 
@@ -105,7 +114,8 @@ def forged(data: bytes, offset: int = 70) -> bytes:
 
 
 def verify_hex(client: TestClient, data: bytes) -> httpx.Response:
-    return client.post("/v1/verify", json={"hex": data.hex()})
+    """Cancel the piece: verify it and record it as used by the client's station."""
+    return client.post("/v1/cancel", json={"hex": data.hex()})
 
 
 def test_hex_is_valid_then_duplicate_with_fields_in_plain_words(client: TestClient) -> None:
@@ -135,25 +145,27 @@ def test_hex_is_valid_then_duplicate_with_fields_in_plain_words(client: TestClie
 def test_raw_bytes_image_body_and_multipart_upload(client: TestClient) -> None:
     raw = signed(VECTORS, ECDSA, sequence=1)
     response = client.post(
-        "/v1/verify", content=raw, headers={"Content-Type": "application/octet-stream"}
+        "/v1/check", content=raw, headers={"Content-Type": "application/octet-stream"}
     )
     assert response.json()["verdict"] == "VALID" and response.json()["input"] == "bytes"
 
     image = signed(VECTORS, ECDSA, sequence=2)
     response = client.post(
-        "/v1/verify", content=label_png(image), headers={"Content-Type": "image/png"}
+        "/v1/check", content=label_png(image), headers={"Content-Type": "image/png"}
     )
     assert response.json()["verdict"] == "VALID" and response.json()["input"] == "image"
     assert response.json()["indicium_hex"] == image.hex()
 
     upload = signed(VECTORS, ECDSA, sequence=3)
     files = {"file": ("label.png", label_png(upload), "image/png")}
-    response = client.post("/v1/verify", files=files)
+    response = client.post("/v1/check", files=files)
     assert response.status_code == 200 and response.json()["verdict"] == "VALID"
-    response = client.post("/v1/verify", files=files)
+    assert client.post("/v1/check", files=files).json()["verdict"] == "VALID"  # only looked at
+    assert verify_hex(client, upload).json()["recorded"] is True
+    response = client.post("/v1/check", files=files)
     assert response.json()["verdict"] == "DUPLICATE"
     # A hex field in a form works too.
-    response = client.post("/v1/verify", data={"hex": upload.hex()})
+    response = client.post("/v1/check", data={"hex": upload.hex()})
     assert response.json()["verdict"] == "DUPLICATE"
 
 
@@ -164,7 +176,7 @@ def test_forged_indicium_and_forged_label(client: TestClient) -> None:
     assert response.json()["verdict"] == "FORGED"
     assert "signature does not verify" in response.json()["reason"]
     files = {"file": ("forged.png", label_png(forged(data, 40)), "image/png")}
-    assert client.post("/v1/verify", files=files).json()["verdict"] == "FORGED"
+    assert client.post("/v1/check", files=files).json()["verdict"] == "FORGED"
     # Neither forgery touched the replay store: the genuine piece is still new.
     assert verify_hex(client, data).json()["verdict"] == "VALID"
 
@@ -173,7 +185,7 @@ def test_batch_gives_verdicts_in_order(client: TestClient) -> None:
     a, b = (signed(VECTORS, ECDSA, sequence=n) for n in (21, 22))
     eddsa = signed(VECTORS, EDDSA, sequence=5)  # its meter is not in the directory
     items = [a.hex(), b.hex(), a.hex(), forged(b).hex(), eddsa.hex(), "0100"]
-    response = client.post("/v1/verify-batch", json={"items": items})
+    response = client.post("/v1/cancel-batch", json={"items": items})
     assert response.status_code == 200
     body = response.json()
     verdicts = [r["verdict"] for r in body["results"]]
@@ -209,7 +221,7 @@ def test_batch_gives_verdicts_in_order(client: TestClient) -> None:
 def test_bad_input_is_refused_clearly_and_changes_nothing(
     client: TestClient, request_args: dict[str, Any], status: int, message: str
 ) -> None:
-    response = client.post("/v1/verify", **request_args)
+    response = client.post("/v1/check", **request_args)
     assert response.status_code == status, response.text
     body = response.json()
     assert message in (body.get("message") or body.get("reason")), body
@@ -220,7 +232,7 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(
 def test_image_without_barcode_is_400(client: TestClient) -> None:
     blank = io.BytesIO()
     Image.new("L", (600, 400), 255).save(blank, format="PNG")
-    response = client.post("/v1/verify", files={"file": ("blank.png", blank.getvalue())})
+    response = client.post("/v1/check", files={"file": ("blank.png", blank.getvalue())})
     assert response.status_code == 400
     assert response.json()["error"] == "BarcodeError"
     assert "no PDF417" in response.json()["message"] or "barcode" in response.json()["message"]
@@ -229,7 +241,7 @@ def test_image_without_barcode_is_400(client: TestClient) -> None:
 
 def test_bad_batches_are_refused_whole(tmp_path: Path, certs: Path) -> None:
     good = signed(VECTORS, ECDSA, sequence=31)
-    with TestClient(create_app(config(tmp_path, max_batch=3))) as client:
+    with station_client(config(tmp_path, max_batch=3)) as client:
         for body, message in [
             ({"items": [good.hex(), "zz"]}, "items[1] is not hexadecimal"),
             ({"items": [good.hex(), 5]}, "items[1] is not a string"),
@@ -237,7 +249,7 @@ def test_bad_batches_are_refused_whole(tmp_path: Path, certs: Path) -> None:
             ({"items": []}, "empty"),
             ({"hex": good.hex()}, '{"items"'),
         ]:
-            response = client.post("/v1/verify-batch", json=body)
+            response = client.post("/v1/cancel-batch", json=body)
             assert response.status_code == 400 and message in response.json()["message"]
         # Nothing of the refused batches reached the replay store.
         assert verify_hex(client, good).json()["verdict"] == "VALID"
@@ -246,9 +258,9 @@ def test_bad_batches_are_refused_whole(tmp_path: Path, certs: Path) -> None:
 def test_huge_uploads_are_413_by_length_and_by_streamed_size(tmp_path: Path, certs: Path) -> None:
     good = signed(VECTORS, ECDSA, sequence=41)
     limit = 4096
-    with TestClient(create_app(config(tmp_path, max_upload=limit))) as client:
+    with station_client(config(tmp_path, max_upload=limit)) as client:
         declared = client.post(
-            "/v1/verify", content=b"\x01" * (limit + 1), headers={"Content-Type": "image/png"}
+            "/v1/check", content=b"\x01" * (limit + 1), headers={"Content-Type": "image/png"}
         )
         assert declared.status_code == 413
         assert str(limit) in declared.json()["message"]
@@ -258,10 +270,10 @@ def test_huge_uploads_are_413_by_length_and_by_streamed_size(tmp_path: Path, cer
                 yield b"\x00" * 1024
 
         streamed = client.post(
-            "/v1/verify", content=chunks(), headers={"Content-Type": "application/octet-stream"}
+            "/v1/check", content=chunks(), headers={"Content-Type": "application/octet-stream"}
         )
         assert streamed.status_code == 413
-        big_batch = client.post("/v1/verify-batch", json={"items": [good.hex()] * 20})
+        big_batch = client.post("/v1/cancel-batch", json={"items": [good.hex()] * 20})
         assert big_batch.status_code == 413
         assert client.get("/v1/counters").json()["rejected"] == {"413": 3}
         assert verify_hex(client, good).json()["verdict"] == "VALID"
@@ -290,7 +302,7 @@ def test_malformed_certificate_directory_at_start_is_refused(
     # Nothing was left open: the same store and ledger open at once afterwards.
     shutil.rmtree(certs, ignore_errors=True)
     write_cert_dir(certs)
-    with TestClient(create_app(config(tmp_path))) as client:
+    with station_client(config(tmp_path)) as client:
         assert client.get("/readyz").status_code == 200
 
 
@@ -325,23 +337,18 @@ def test_health_readiness_counters_and_metrics(client: TestClient) -> None:
     assert ready.status_code == 200
     body = ready.json()
     assert body["ready"] is True and body["problems"] == []
-    assert body["certificates"]["files"] == [
-        "meters.pem",
-        "postal-root.pem",
-        "providers.pem",
-        "revocations.json",
-    ]
+    assert body["certificates"]["files"] == 4  # meters, postal root, providers, revocations
     assert body["certificates"]["meters"] == len(_vectors.trust_store(VECTORS).credentials) - 1
 
     data = signed(VECTORS, ECDSA, sequence=51)
     verify_hex(client, data)
     verify_hex(client, data)
-    client.post("/v1/verify-batch", json={"items": [forged(data).hex(), data.hex()]})
+    client.post("/v1/cancel-batch", json={"items": [forged(data).hex(), data.hex()]})
     counters = client.get("/v1/counters").json()
     assert counters["verdicts"]["VALID"] == 1
     assert counters["verdicts"]["DUPLICATE"] == 2
     assert counters["verdicts"]["FORGED"] == 1
-    assert counters["requests"] == {"verify": 2, "verify_batch": 1}
+    assert counters["requests"] == {"check": 0, "check_batch": 0, "cancel": 2, "cancel_batch": 1}
     metrics = client.get("/metrics").text
     assert 'meter_postoffice_verdicts_total{verdict="DUPLICATE"} 2' in metrics
     assert "meter_postoffice_ready 1" in metrics
@@ -352,11 +359,11 @@ def test_pieces_are_remembered_across_restarts_and_reconciled(tmp_path: Path, ce
         signed(VECTORS, ECDSA, sequence=61, ascending=100_000, descending=400_000, postage=730),
         signed(VECTORS, ECDSA, sequence=62, ascending=100_730, descending=399_270, postage=730),
     ]
-    with TestClient(create_app(config(tmp_path))) as client:
+    with station_client(config(tmp_path)) as client:
         assert verify_hex(client, pieces[0]).json()["verdict"] == "VALID"
         report = client.get("/v1/reconciliation")
         assert report.status_code == 200
-    with TestClient(create_app(config(tmp_path))) as client:
+    with station_client(config(tmp_path)) as client:
         assert verify_hex(client, pieces[0]).json()["verdict"] == "DUPLICATE"
         assert verify_hex(client, pieces[1]).json()["verdict"] == "VALID"
         report = client.get("/v1/reconciliation").json()
@@ -373,13 +380,13 @@ def test_the_store_forgets_expired_pieces_on_the_first_verification_of_a_day(
     tmp_path: Path, certs: Path
 ) -> None:
     piece = signed(VECTORS, ECDSA, sequence=71, postage=730)
-    with TestClient(create_app(config(tmp_path))) as client:
+    with station_client(config(tmp_path)) as client:
         assert verify_hex(client, piece).json()["verdict"] == "VALID"
     store = config(tmp_path).store
     with EmbeddedReplayStore.open(store) as replay:
         assert len(replay) == 1
     later = TODAY + timedelta(days=190)  # the piece's date of mailing is now out of the window
-    with TestClient(create_app(config(tmp_path, today=later))) as client:
+    with station_client(config(tmp_path, today=later)) as client:
         assert verify_hex(client, b"\x00").status_code == 400  # any request of the day
         assert verify_hex(client, piece).json()["verdict"] == "EXPIRED"
     with EmbeddedReplayStore.open(store) as replay:
@@ -392,7 +399,7 @@ def test_reconciliation_reports_a_broken_register_chain(client: TestClient) -> N
         # The next piece's ascending register should be 100_730.
         signed(VECTORS, ECDSA, sequence=72, ascending=100_000, descending=400_000, postage=730),
     ]
-    client.post("/v1/verify-batch", json={"items": [p.hex() for p in pieces]})
+    client.post("/v1/cancel-batch", json={"items": [p.hex() for p in pieces]})
     report = client.get("/v1/reconciliation").json()
     assert report["clean"] is False
     assert [f["kind"] for f in report["findings"]] == ["ascending-step"]
@@ -415,10 +422,14 @@ def test_reconciliation_reads_the_providers_signed_export(provisioned: Home) -> 
         cert_dir=home.certs,
         store=home.path / "postoffice" / "replay",
         ledger=home.path / "postoffice" / "registers.sqlite",
+        allowed_hosts=("testserver",),
     )
-    with TestClient(create_app(settings)) as client:
+    with station_client(settings) as client:
         files = {"file": ("label.png", label.read_bytes(), "image/png")}
-        assert client.post("/v1/verify", files=files).json()["verdict"] == "VALID"
+        looked = client.post("/v1/check", files=files).json()
+        assert looked["verdict"] == "VALID"
+        cancelled = client.post("/v1/cancel", json={"hex": looked["indicium_hex"]}).json()
+        assert cancelled["recorded"] is True
         credited = home.certs / "credited.json"
         exported = CliRunner().invoke(
             cli, ["--home", str(home.path), "provider", "export-credited", "--out", str(credited)]
@@ -447,12 +458,12 @@ def closed_port() -> int:
 def test_unreachable_redis_gives_error_never_valid(tmp_path: Path, certs: Path) -> None:
     url = f"redis://127.0.0.1:{closed_port()}/0"
     data = signed(VECTORS, ECDSA, sequence=81)
-    with TestClient(create_app(config(tmp_path, store=url))) as client:
+    with station_client(config(tmp_path, store=url)) as client:
         response = verify_hex(client, data)
         assert response.status_code == 503
         assert response.json()["verdict"] == "ERROR"
         assert "replay store" in response.json()["reason"]
-        batch = client.post("/v1/verify-batch", json={"items": [data.hex(), forged(data).hex()]})
+        batch = client.post("/v1/cancel-batch", json={"items": [data.hex(), forged(data).hex()]})
         assert batch.status_code == 503
         assert [r["verdict"] for r in batch.json()["results"]] == ["ERROR", "FORGED"]
         ready = client.get("/readyz")
@@ -461,7 +472,7 @@ def test_unreachable_redis_gives_error_never_valid(tmp_path: Path, certs: Path) 
 
 
 def test_embedded_store_in_use_is_refused_at_start(tmp_path: Path, certs: Path) -> None:
-    with TestClient(create_app(config(tmp_path))) as client:
+    with station_client(config(tmp_path)) as client:
         assert client.get("/readyz").status_code == 200
         with pytest.raises(ReplayStoreError, match="in use"):
             create_app(config(tmp_path, ledger=tmp_path / "other.sqlite"))
@@ -513,7 +524,7 @@ def test_serve_runs_the_service_on_a_port(tmp_path: Path, certs: Path) -> None:
         assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
         data = signed(VECTORS, ECDSA, sequence=91)
         # The verifier's date is today's: the vectors' pieces may be in or out of date.
-        verdict = httpx.post(f"{base}/v1/verify", json={"hex": data.hex()}).json()["verdict"]
+        verdict = httpx.post(f"{base}/v1/check", json={"hex": data.hex()}).json()["verdict"]
         assert verdict in ("VALID", "EXPIRED", "NOT_YET_VALID")
         assert 'id="verdict"' in httpx.get(f"{base}/").text
     finally:
@@ -541,15 +552,15 @@ def test_service_on_redis(tmp_path: Path, certs: Path, kind: str) -> None:
     # A sequence no earlier run used, so that the shared server's state does not matter.
     sequence = 1 + secrets.randbelow(2**32 - 2)
     data = signed(VECTORS, ECDSA, sequence=sequence)
-    with TestClient(create_app(config(tmp_path, store=url))) as client:
+    with station_client(config(tmp_path, store=url)) as client:
         assert client.get("/readyz").json()["store"] == "redis"
         assert verify_hex(client, data).json()["verdict"] == "VALID"
-        batch = client.post("/v1/verify-batch", json={"items": [data.hex()]})
+        batch = client.post("/v1/cancel-batch", json={"items": [data.hex()]})
         assert batch.json()["results"][0]["verdict"] == "DUPLICATE"
 
 
 def test_expire_command_forgets_pieces_past_the_window(tmp_path: Path, certs: Path) -> None:
-    with TestClient(create_app(config(tmp_path))) as client:
+    with station_client(config(tmp_path)) as client:
         piece = signed(VECTORS, ECDSA, sequence=81, postage=730)
         assert verify_hex(client, piece).json()["verdict"] == "VALID"
     store = str(config(tmp_path).store)

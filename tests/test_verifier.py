@@ -351,3 +351,25 @@ def test_to_json() -> None:
 def test_bytes_like_input() -> None:
     data = signed(VECTORS, ECDSA)
     assert make().verify(bytearray(data)).verdict is Verdict.VALID  # type: ignore[arg-type]
+
+
+def test_looking_at_pieces_records_nothing() -> None:
+    """verify_batch(record=False) asks the store (seen) and never writes it."""
+    store = MemoryReplayStore()
+    verifier = make(store)
+    a, b = (signed(VECTORS, ECDSA, sequence=n) for n in (501, 502))
+    for _ in range(2):
+        looked = verifier.verify_batch([a, b, a], record=False)
+        assert [r.verdict for r in looked] == [Verdict.VALID] * 3
+        assert "not accepted yet" in looked[0].reason
+    assert len(store) == 0
+    assert [r.verdict for r in verifier.verify_batch([a])] == [Verdict.VALID]
+    looked = verifier.verify_batch([a, b, forged_copy(a)], record=False)
+    assert [r.verdict for r in looked] == [Verdict.DUPLICATE, Verdict.VALID, Verdict.FORGED]
+    assert len(store) == 1
+
+
+def forged_copy(data: bytes) -> bytes:
+    changed = bytearray(data)
+    changed[70] ^= 0x5A  # inside the signed part
+    return bytes(changed)

@@ -18,6 +18,7 @@ from meter.cli.postoffice_group import postoffice
 from meter.errors import ConfigurationError
 from meter.host import DeviceClient
 from meter.indicium import RateCategory
+from meter.label import SYMBOLOGIES
 from meter.protocol.issue import IssueRequest
 from meter.token import KeyAlgorithm
 
@@ -140,6 +141,13 @@ def init(
     default=None,
     help="Label path without suffix (default: HOME/labels/SERIAL-SEQUENCE).",
 )
+@click.option(
+    "--symbology",
+    type=click.Choice(SYMBOLOGIES),
+    default="pdf417",
+    show_default=True,
+    help="Barcode the label carries the indicium in (Data Matrix as IMI and Mailmark use).",
+)
 @click.pass_context
 def issue(
     ctx: click.Context,
@@ -154,6 +162,7 @@ def issue(
     specimen: bool,
     correction_of: int | None,
     out: Path | None,
+    symbology: str,
 ) -> None:
     """Create Indicium (Customer): one indicium and its label (PNG and PDF).
 
@@ -174,7 +183,9 @@ def issue(
             correction_of=correction_of,
         )
         with device(ctx) as client:
-            issued = workflows.issue_on(client, home_of(ctx).labels, request, out)
+            issued = workflows.issue_on(
+                client, home_of(ctx).labels, request, out, symbology=symbology
+            )
         ind = issued.indicium
         data = {
             "indicium_hex": ind.to_bytes().hex(),
@@ -352,7 +363,7 @@ device_cli.add_audit_commands(audit_cli.audit)
 from meter.cli import serve_cli  # noqa: E402, F401
 
 cli.add_command(provider_cli.provider)
-from meter.cli import reconcile_cli  # noqa: E402, F401
+from meter.cli import reconcile_cli, stations_cli  # noqa: E402, F401
 
 
 def _set_json(ctx: click.Context, param: click.Parameter, value: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,7 +13,13 @@ from meter.cli.postoffice_cli import ledger_path
 from meter.cli.postoffice_group import postoffice
 from meter.errors import InvalidInput
 from meter.postoffice import open_replay_store
-from meter.postoffice.service_config import DEFAULT_MAX_UPLOAD, ServiceConfig
+from meter.postoffice.service_config import (
+    DEFAULT_ALLOWED_HOSTS,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_UPLOAD,
+    ServiceConfig,
+    Timeouts,
+)
 
 __all__ = ["serve"]
 
@@ -53,6 +60,58 @@ __all__ = ["serve"]
     show_default=True,
     help="Largest request body in bytes (label images included).",
 )
+@click.option(
+    "--stations",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Station keys (default: HOME/postoffice/stations.json; meter postoffice stations).",
+)
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="A name clients use for this server (repeatable); default: 127.0.0.1, localhost, "
+    "::1 and --host. Requests naming any other host are refused (DNS rebinding).",
+)
+@click.option(
+    "--allowed-origin",
+    "allowed_origins",
+    multiple=True,
+    metavar="ORIGIN",
+    help="Another origin whose pages may post here, e.g. https://counter.example (repeatable).",
+)
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(10_000),
+    default=DEFAULT_MAX_PIXELS,
+    show_default=True,
+    help="Largest label image, in pixels, read from its header before decoding.",
+)
+@click.option(
+    "--image-workers",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Label images decoded at once (default: one per core).",
+)
+@click.option(
+    "--image-queue",
+    type=click.IntRange(0, 1024),
+    default=8,
+    show_default=True,
+    help="Label images waiting for a worker; more are answered 503 with Retry-After.",
+)
+@click.option("--header-timeout", type=click.FloatRange(0.1, 3600), default=10.0, show_default=True)
+@click.option("--body-timeout", type=click.FloatRange(0.1, 3600), default=30.0, show_default=True)
+@click.option("--idle-timeout", type=click.FloatRange(1, 3600), default=5.0, show_default=True)
+@click.option("--max-connections", type=click.IntRange(1, 65535), default=512, show_default=True)
+@click.option(
+    "--redis-replicas",
+    type=click.IntRange(0, 16),
+    default=0,
+    show_default=True,
+    help="Replicas that must hold a piece (Redis WAIT) before it is answered VALID.",
+)
 @click.pass_context
 def serve(
     ctx: click.Context,
@@ -63,6 +122,17 @@ def serve(
     host: str,
     port: int,
     max_upload: int,
+    stations: Path | None,
+    allowed_hosts: tuple[str, ...],
+    allowed_origins: tuple[str, ...],
+    max_pixels: int,
+    image_workers: int | None,
+    image_queue: int,
+    header_timeout: float,
+    body_timeout: float,
+    idle_timeout: float,
+    max_connections: int,
+    redis_replicas: int,
 ) -> None:
     """Run the post office's HTTP verification service and the clerk's page.
 
@@ -71,6 +141,7 @@ def serve(
     import uvicorn  # only this command needs the server
 
     from meter.postoffice.service import create_app
+    from meter.postoffice.service_server import uvicorn_config
 
     with errors(ctx):
         home = home_of(ctx)
@@ -78,12 +149,33 @@ def serve(
             raise InvalidInput("give either --store PATH or --redis URL, not both")
         if redis_url is not None and not redis_url.startswith(("redis://", "rediss://")):
             raise InvalidInput(f"--redis {redis_url!r} is not a redis:// or rediss:// URL")
+        if redis_replicas and redis_url is None:
+            raise InvalidInput("--redis-replicas needs --redis URL")
+        names = allowed_hosts or (
+            *DEFAULT_ALLOWED_HOSTS,
+            *((host,) if host not in ("0.0.0.0", "::", *DEFAULT_ALLOWED_HOSTS) else ()),
+        )
+        timeouts = Timeouts(
+            header=header_timeout,
+            body=body_timeout,
+            idle=idle_timeout,
+            max_connections=max_connections,
+        )
         config = ServiceConfig(
             cert_dir=certs or home.certs,
             store=redis_url or store or home.replay_store,
             ledger=ledger or ledger_path(home),
+            stations=stations,
             max_upload=max_upload,
+            max_pixels=max_pixels,
+            image_queue=image_queue,
+            allowed_hosts=tuple(names),
+            allowed_origins=allowed_origins,
+            redis_replicas=redis_replicas,
+            timeouts=timeouts,
         )
+        if image_workers:
+            config = dataclasses.replace(config, image_workers=image_workers)
         app = create_app(config)
         where = "Redis" if redis_url else str(config.store)
         info = {
@@ -91,16 +183,20 @@ def serve(
             "certs": str(config.cert_dir),
             "store": where,
             "ledger": str(config.ledger),
+            "stations": str(config.stations_file),
+            "allowed_hosts": list(config.allowed_hosts),
         }
         emit(
             ctx,
             info,
             lambda: (
                 f"post office at {info['url']} (certificates {info['certs']}, "
-                f"replay store {where}, ledger {info['ledger']})"
+                f"replay store {where}, ledger {info['ledger']}, "
+                f"stations {info['stations']})"
             ),
         )
-        uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
+        server = uvicorn.Server(uvicorn_config(app, host, port, timeouts, log_level="info"))
+        server.run()
 
 
 @postoffice.command()

@@ -68,19 +68,26 @@ def label_info(indicium: Indicium, address: Sequence[str]) -> LabelInfo:
 
 
 def issue_on(
-    client: DeviceClient, labels: Path, request: IssueRequest, out: Path | None = None
+    client: DeviceClient,
+    labels: Path,
+    request: IssueRequest,
+    out: Path | None = None,
+    *,
+    symbology: str = "pdf417",
 ) -> IssuedLabel:
     """Create Indicium (or Create Correction Indicium) on the device, then the label.
 
     The label is laid out with placeholder values first, so an address it
-    cannot print is refused before the device spends a piece sequence.
+    cannot print (or an unknown symbology) is refused before the device
+    spends a piece sequence.
     """
     lines = request.address_lines()
-    render_label(bytes(_PLACEHOLDER_LENGTH), _placeholder_info(request, lines))
+    placeholder = _placeholder_info(request, lines)
+    render_label(bytes(_PLACEHOLDER_LENGTH), placeholder, symbology=symbology)
     folder = out.parent if out is not None else labels
     _require_writable(folder)  # a label that cannot be saved must not spend a piece
     indicium = client.issue(request)
-    label = render_label(indicium.to_bytes(), label_info(indicium, lines))
+    label = render_label(indicium.to_bytes(), label_info(indicium, lines), symbology=symbology)
     stem = out or labels / f"{indicium.device_serial}-{indicium.sequence:06d}"
     png, pdf = stem.with_suffix(".png"), stem.with_suffix(".pdf")
     try:

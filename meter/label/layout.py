@@ -1,19 +1,21 @@
 """The printed postage label: a 4 x 6 inch page, as a 300 dpi PNG and a one-page PDF.
 
 One layout, planned in 300 dpi pixels as a short list of boxes, texts and the
-barcode, is drawn twice: by Pillow for the PNG and by reportlab for the PDF,
-so both look the same. Both use Bitstream Vera, which reportlab ships: Pillow's
-own default font has ASCII only (no dash for the specimen marking, no accented
-letters for addresses). In the PDF the barcode is vector rectangles in one
-path, so it stays sharp and decodable at every rasterizing resolution.
+barcode (PDF417, or Data Matrix on request), is drawn twice: by Pillow for the
+PNG and by reportlab for the PDF, so both look the same. Both use Bitstream
+Vera, which reportlab ships: Pillow's own default font has ASCII only (no dash
+for the specimen marking, no accented letters for addresses). In the PDF the
+barcode is vector rectangles in one path, so it stays sharp and decodable at
+every rasterizing resolution.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -27,11 +29,16 @@ from reportlab.pdfgen import canvas
 
 from meter.durable import remove_abandoned, stage, sync_directory
 from meter.errors import BarcodeError, InvalidInput
-from meter.label.barcode import QUIET_MODULES, ROW_MODULES, Symbol, pdf417_symbol
+from meter.label.barcode import Symbol, pdf417_symbol
+from meter.label.datamatrix import datamatrix_symbol
 
 DPI = 300
 PAGE_PX = (4 * DPI, 6 * DPI)  # 4 x 6 inch shipping-label stock, portrait
 MODULE_PX = 3  # PDF417 X-dimension 0.010 inch at 300 dpi
+# Data Matrix X-dimension 0.020 inch: 4 dots of a 203 dpi printer, and a 340-byte
+# symbol (72 x 72 modules) still fits the indicium box.
+DATAMATRIX_MODULE_PX = 6
+SYMBOLOGIES = ("pdf417", "datamatrix")
 SPECIMEN_TEXT = "SPECIMEN \u2014 NO POSTAGE VALUE"
 CORRECTION_TEXT = "CORRECTION"
 
@@ -42,6 +49,11 @@ _MAX_SENDER_LINES = 5
 _MAX_DESTINATION_LINES = 8
 _FONTS = {False: "Vera.ttf", True: "VeraBd.ttf"}
 _BARS = re.compile("1+")
+# Each symbology's encoder and the size of its module on the page.
+_ENCODERS: dict[str, tuple[Callable[[bytes], Symbol], int]] = {
+    "pdf417": (pdf417_symbol, MODULE_PX),
+    "datamatrix": (datamatrix_symbol, DATAMATRIX_MODULE_PX),
+}
 
 Align = Literal["l", "r", "m"]
 
@@ -106,21 +118,28 @@ def check_printable(text: str) -> None:
             raise InvalidInput(f"label text {text!r}: character U+{ord(ch):04X} cannot be printed")
 
 
-def render_label(indicium: bytes, info: LabelInfo) -> RenderedLabel:
+def render_label(indicium: bytes, info: LabelInfo, *, symbology: str = "pdf417") -> RenderedLabel:
     """The label for one piece: PNG (1200 x 1800 px, 300 dpi) and a one-page PDF, 4 x 6 inch.
 
-    Top, in a box under a "U.S. POSTAGE" heading bar: the PDF417 indicium
-    (X-dimension 0.010 inch, 4-module quiet zone) with the postage, date of
-    mailing, origin ZIP, device serial and piece sequence beside it. Below: the
-    rate category band, the SPECIMEN / CORRECTION markings when set, the
-    sender's address at the left and the destination address block.
-    Raises InvalidInput when a text has characters the font lacks or is too
-    long for its place, BarcodeError when the indicium does not fit a symbol
-    or its symbol does not fit the label.
+    Top, in a box under a "U.S. POSTAGE" heading bar: the indicium as a PDF417
+    symbol (X-dimension 0.010 inch, 4-module quiet zone) or, with
+    `symbology="datamatrix"`, a square Data Matrix (0.020 inch, 2-module quiet
+    zone), with the postage, date of mailing, origin ZIP, device serial and
+    piece sequence beside it. Below: the rate category band, the SPECIMEN /
+    CORRECTION markings when set, the sender's address at the left and the
+    destination address block.
+    Raises InvalidInput for an unknown symbology or when a text has characters
+    the font lacks or is too long for its place, BarcodeError when the
+    indicium does not fit a symbol or its symbol does not fit the label.
     """
+    if not isinstance(symbology, str) or symbology not in _ENCODERS:
+        raise InvalidInput(
+            f"label: unknown symbology {symbology!r}; choose one of {', '.join(SYMBOLOGIES)}"
+        )
     for text in _texts(info):
         check_printable(text)
-    ops = _plan(pdf417_symbol(indicium), info)
+    encode, module_px = _ENCODERS[symbology]
+    ops = _plan(_Code(0, 0, encode(indicium), module_px), info)
     return RenderedLabel(png=_draw_png(ops), pdf=_draw_pdf(ops))
 
 
@@ -183,12 +202,22 @@ class _Code:
     x: int  # top left of the quiet zone
     y: int
     symbol: Symbol
+    module_px: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """Width and height in pixels, quiet zone included."""
+        quiet = 2 * self.symbol.quiet_modules
+        return (
+            (self.symbol.width + quiet) * self.module_px,
+            (self.symbol.height + quiet) * self.module_px,
+        )
 
 
 _Op = _Text | _Box | _Code
 
 
-def _plan(symbol: Symbol, info: LabelInfo) -> list[_Op]:
+def _plan(code: _Code, info: LabelInfo) -> list[_Op]:
     width, height = PAGE_PX
     left, right = _MARGIN, width - _MARGIN
     ops: list[_Op] = []
@@ -197,14 +226,14 @@ def _plan(symbol: Symbol, info: LabelInfo) -> list[_Op]:
     ops.append(_Box(left, _MARGIN, right, _MARGIN + 80))
     ops.append(_Text(left + _PAD, _MARGIN + 58, "U.S. POSTAGE", 50, bold=True, grey=255))
     top = _MARGIN + 80 + _PAD
-    code_w = (symbol.width + 2 * QUIET_MODULES) * MODULE_PX
-    code_h = (len(symbol.rows) * ROW_MODULES + 2 * QUIET_MODULES) * MODULE_PX
+    code_w, code_h = code.size
     column = left + _PAD + code_w + 30
     if right - _PAD - column < 300 or code_h > 480:
-        raise BarcodeError(f"label: a PDF417 symbol of {code_w} x {code_h} px does not fit")
+        raise BarcodeError(f"label: a barcode of {code_w} x {code_h} px does not fit")
     text, text_bottom = _indicium_text(info, column, right - _PAD, top)
     y = max(top + code_h, text_bottom)
-    ops.append(_Code(left + _PAD // 2, (top + y - code_h) // 2, symbol))  # centred beside
+    # Centred beside the text.
+    ops.append(dataclasses.replace(code, x=left + _PAD // 2, y=(top + y - code_h) // 2))
     ops += text
     y += _PAD
     ops.append(_Box(left, _MARGIN, right, y, grey=None, line=4))
@@ -328,7 +357,7 @@ def _draw_png(ops: Sequence[_Op]) -> bytes:
             font = _font(op.size, op.bold)
             draw.text((op.x, op.baseline), op.text, fill=op.grey, font=font, anchor=anchor)
         else:
-            page.paste(op.symbol.image(MODULE_PX), (op.x, op.y))
+            page.paste(op.symbol.image(op.module_px), (op.x, op.y))
     out = io.BytesIO()
     page.save(out, "PNG", dpi=(DPI, DPI), compress_level=1)  # speed over ~15 KB
     return out.getvalue()
@@ -373,9 +402,10 @@ def _draw_pdf_symbol(pdf: canvas.Canvas, code: _Code, page_h: int) -> None:
     is a rectangle with integer coordinates: exact, and fast to write.
     """
     k = _PT_PER_PX
-    rows = code.symbol.rows
-    quiet = QUIET_MODULES * MODULE_PX
-    bottom = page_h - code.y - quiet - len(rows) * ROW_MODULES * MODULE_PX
+    symbol, module = code.symbol, code.module_px
+    rows = symbol.rows
+    quiet = symbol.quiet_modules * module
+    bottom = page_h - code.y - quiet - symbol.height * module
     bars = [
         f"{run.start()} {len(rows) - 1 - r} {run.end() - run.start()} 1 re"
         for r, row in enumerate(rows)
@@ -383,7 +413,7 @@ def _draw_pdf_symbol(pdf: canvas.Canvas, code: _Code, page_h: int) -> None:
     ]
     pdf.saveState()
     pdf.transform(
-        MODULE_PX * k, 0, 0, ROW_MODULES * MODULE_PX * k, (code.x + quiet) * k, bottom * k
+        module * k, 0, 0, symbol.row_modules * module * k, (code.x + quiet) * k, bottom * k
     )
     pdf.setFillGray(0)
     pdf.addLiteral("\n".join([*bars, "f"]))

@@ -32,22 +32,15 @@ the rules above allow.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import sqlite3
-import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from datetime import date, datetime
 from enum import StrEnum
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
-from meter.errors import ConfigurationError, ProtocolError, ReplayStoreError
-from meter.indicium import FLAG_SPECIMEN, SIGNED_LENGTH
+from meter.errors import ConfigurationError, ProtocolError
 from meter.pki.trust import TrustStore
-from meter.postoffice.verdict import Verdict, VerificationResult
+from meter.postoffice.ledger import RecordedPiece, RegisterLedger
 from meter.protocol.credited import CreditedExport
 
 __all__ = [
@@ -62,212 +55,7 @@ __all__ = [
     "reconcile_pieces",
 ]
 
-_APPLICATION_ID = 0x50494D52  # "PIMR": marks the SQLite file as a register ledger
-_FORMAT_VERSION = 1
-_RECORDED = (Verdict.VALID, Verdict.SPECIMEN, Verdict.DUPLICATE)
 _MAX_LISTED = 20  # sequences listed in one finding; the detail gives the full count
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS pieces (
-    device_serial TEXT NOT NULL,      -- 20 decimal digits: SQLite integers stop at 2**63
-    sequence INTEGER NOT NULL,
-    digest BLOB NOT NULL,             -- SHA-256 of the signed part (84 bytes)
-    authorization_id INTEGER NOT NULL,
-    ascending INTEGER NOT NULL,
-    descending INTEGER NOT NULL,
-    postage INTEGER NOT NULL,
-    flags INTEGER NOT NULL,
-    reference_sequence INTEGER NOT NULL,
-    time_of_issue TEXT NOT NULL,
-    date_of_mailing TEXT NOT NULL,
-    verdict TEXT NOT NULL,            -- the verdict of the first copy seen
-    UNIQUE (device_serial, sequence, digest)
-);
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class RecordedPiece:
-    """What the ledger keeps of one genuine indicium."""
-
-    device_serial: int
-    sequence: int
-    digest: bytes
-    authorization_id: int
-    ascending: int
-    descending: int
-    postage: int
-    flags: int
-    reference_sequence: int
-    time_of_issue: datetime
-    date_of_mailing: date
-    verdict: str
-
-    @property
-    def control_total(self) -> int:
-        return self.ascending + self.descending
-
-    @property
-    def is_specimen(self) -> bool:
-        return bool(self.flags & FLAG_SPECIMEN)
-
-
-class RegisterLedger:
-    """The pieces a post office has accepted, in one SQLite file (WAL, fsync on commit)."""
-
-    def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
-        """Use open()."""
-        self._path = path
-        self._db: sqlite3.Connection | None = connection
-        self._lock = threading.Lock()
-
-    @classmethod
-    def open(cls, path: Path) -> RegisterLedger:
-        """Open or create the ledger; ConfigurationError naming the file if it is not one."""
-        path = Path(path)
-        try:
-            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
-        except sqlite3.Error as exc:
-            raise ConfigurationError(f"register ledger {path}: cannot open: {exc}") from exc
-        try:
-            application_id = db.execute("PRAGMA application_id").fetchone()[0]
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if tables == 0 and application_id == 0:
-                db.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
-                db.execute(f"PRAGMA user_version = {_FORMAT_VERSION}")
-            elif application_id != _APPLICATION_ID or version != _FORMAT_VERSION:
-                raise ConfigurationError(
-                    f"register ledger {path} is not a version {_FORMAT_VERSION} register ledger "
-                    "(another SQLite database?); the file was left as it is"
-                )
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute("PRAGMA synchronous = FULL")  # a committed batch survives power loss
-            db.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            db.close()
-            raise ConfigurationError(
-                f"register ledger {path} is corrupt or not a register ledger ({exc}); "
-                "the file was left as it is"
-            ) from exc
-        except BaseException:
-            db.close()
-            raise
-        return cls(path, db)
-
-    @property
-    def path(self) -> Path:
-        return self._path
-
-    def record(
-        self, results: Sequence[VerificationResult], raw: Sequence[bytes | None] | None = None
-    ) -> None:
-        """Keep the genuine pieces among the results, in one transaction.
-
-        VALID and SPECIMEN pieces are kept; a DUPLICATE is kept when its
-        signed part differs from every copy of that piece recorded so far
-        (a reissued sequence), or when the ledger has no copy yet. Other
-        verdicts are ignored. ``raw``, if given, holds the bytes each result
-        was judged from (None where not known): it spares encoding the
-        signed part again.
-        """
-        known = raw if raw is not None else [None] * len(results)
-        if len(known) != len(results):
-            raise ValueError(f"{len(known)} raw indicia for {len(results)} results")
-        rows = [
-            _row(r, data)
-            for r, data in zip(results, known, strict=True)
-            if r.indicium is not None and r.verdict in _RECORDED
-        ]
-        if not rows:
-            return
-        with self._lock:
-            db = self._open_db()
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                db.executemany(
-                    "INSERT OR IGNORE INTO pieces VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows
-                )
-                db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise ReplayStoreError(
-                    f"register ledger {self._path}: cannot record {len(rows)} pieces: {exc}"
-                ) from exc
-
-    def pieces(self) -> Iterator[RecordedPiece]:
-        """Every recorded copy, by device serial, then sequence, then the order recorded."""
-        with self._lock:
-            db = self._open_db()
-            try:
-                rows = db.execute(
-                    "SELECT * FROM pieces ORDER BY device_serial, sequence, rowid"
-                ).fetchall()
-            except sqlite3.Error as exc:
-                raise ReplayStoreError(f"register ledger {self._path}: cannot read: {exc}") from exc
-        for row in rows:
-            yield _piece(row)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return int(self._open_db().execute("SELECT count(*) FROM pieces").fetchone()[0])
-
-    def close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def _open_db(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise ReplayStoreError(f"register ledger {self._path} is closed")
-        return self._db
-
-
-def _row(result: VerificationResult, data: bytes | None) -> tuple[object, ...]:
-    i = result.indicium
-    assert i is not None
-    signed_part = data[:SIGNED_LENGTH] if data is not None else i.signed_part()
-    return (
-        f"{i.device_serial:020d}",
-        i.sequence,
-        hashlib.sha256(signed_part).digest(),
-        i.authorization_id,
-        i.ascending,
-        i.descending,
-        i.postage,
-        i.flags,
-        i.reference_sequence,
-        i.time_of_issue.isoformat(),
-        i.date_of_mailing.isoformat(),
-        result.verdict.value,
-    )
-
-
-def _piece(row: tuple[object, ...]) -> RecordedPiece:
-    serial, sequence, digest, auth, asc, desc, postage, flags, ref, issued, mailed, verdict = row
-    return RecordedPiece(
-        device_serial=int(str(serial)),
-        sequence=int(str(sequence)),
-        digest=bytes(digest),  # type: ignore[call-overload]
-        authorization_id=int(str(auth)),
-        ascending=int(str(asc)),
-        descending=int(str(desc)),
-        postage=int(str(postage)),
-        flags=int(str(flags)),
-        reference_sequence=int(str(ref)),
-        time_of_issue=datetime.fromisoformat(str(issued)),
-        date_of_mailing=date.fromisoformat(str(mailed)),
-        verdict=str(verdict),
-    )
 
 
 class FindingKind(StrEnum):

@@ -21,14 +21,16 @@ Embedded store: a folder, held by one process at a time (flock on ``lock``):
   generation u64, header CRC-32), then one record per check_and_set that
   added pieces: a 20-byte header (magic "PIMB", payload length u32, latest
   date of mailing of the batch u32, payload CRC-32, header CRC-32) and the
-  new pieces as (serial u64, bitmap length u32, roaring bitmap) entries.
+  new pieces: group count u32, the groups' serials (u64 each), their piece
+  counts (u32 each), then every group's sequences (u32 each).
 
 check_and_set appends its batch and fdatasyncs before it returns: a piece
 reported new is durable, and a SIGKILL at any moment cannot let it be accepted
-again. When the journal outgrows the snapshot (and at least 8 MiB), and after
-expire(), the store compacts: a new snapshot with generation g+1, then a new
-empty journal with generation g+1. On open, a journal older than the snapshot
-is already inside it and is replaced; a newer one is corruption.
+again; seen() only looks, and writes nothing. When the journal outgrows the
+snapshot (and at least 8 MiB), and after expire(), the store compacts: a new
+snapshot with generation g+1, then a new empty journal with generation g+1.
+On open, a journal older than the snapshot is already inside it and is
+replaced; a newer one is corruption.
 
 What a crash can leave after the last acknowledged batch, and open drops by
 truncating the journal: a batch cut short (SIGKILL in the middle of the
@@ -47,15 +49,16 @@ import fcntl
 import os
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date
-from operator import itemgetter
+from itertools import compress, count, groupby, islice
+from operator import itemgetter, ne
 from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple, Protocol, Self, TypeVar
 
-from pyroaring import BitMap
+from pyroaring import AbstractBitMap, BitMap, FrozenBitMap
 
 from meter.durable import sync_directory, write_atomically
 from meter.errors import InvalidInput, ReplayStoreError
@@ -81,6 +84,11 @@ class ReplayStore(Protocol):
     def check_and_set(self, pieces: Sequence[Piece]) -> list[bool]:
         """For each piece in order, True if seen before (earlier in this batch
         included); every new piece is recorded durably before this returns."""
+        ...
+
+    def seen(self, pieces: Sequence[Piece]) -> list[bool]:
+        """For each piece, True if it is recorded; records nothing (a piece asked about
+        twice gets the same answer twice). Bad pieces raise as in check_and_set."""
         ...
 
     def expire(self, today: date) -> int:
@@ -136,10 +144,19 @@ def _piece_problem(piece: object) -> str | None:
 
 
 _T = TypeVar("_T")
-_MAILED = itemgetter(2)
+_SERIAL = itemgetter(0)
 _SEQUENCE = itemgetter(1)
+_MAILED = itemgetter(2)
 _INT = {int}
 _CHUNK = 1 << CHUNK_BITS
+
+
+class _Group(NamedTuple):
+    """One device's pieces in a batch."""
+
+    serial: int
+    sequences: list[int]  # in the batch's order, repeats kept
+    bitmap: BitMap  # the same sequences
 
 
 @dataclass
@@ -147,100 +164,76 @@ class _Batch:
     """What check_and_set decided before anything is recorded."""
 
     seen: list[bool]
-    additions: list[tuple[int, Sequence[int]]]  # (serial, its new sequences)
+    additions: list[tuple[int, BitMap]]  # (serial, its sequences new to the store)
     stamp: int  # ordinal of the latest date of mailing in the batch
 
 
 class _SeenPieces:
-    """The pieces of every device, and per chunk of sequences the latest date of mailing."""
+    """The pieces of every device, and per chunk of sequences the latest date of mailing.
+
+    A batch costs a few passes in C over its pieces, the grouping by device (a step in
+    Python per run of one device's pieces, or per piece when they come one by one),
+    and per device a handful of calls into CRoaring: a bitmap of its sequences (built
+    once, then used for the check, the journal and the update), one intersection, one
+    in-place union. Only devices whose pieces meet what is stored, or repeat inside the
+    batch, are walked piece by piece.
+    """
 
     def __init__(self, devices: dict[int, DeviceState] | None = None) -> None:
         self.devices: dict[int, DeviceState] = devices if devices is not None else {}
 
     def plan(self, pieces: Sequence[Piece]) -> _Batch:
-        """Flags and additions for a batch, checking it whole first; changes nothing.
-
-        Per-piece work is one pass that groups sequences by device and a few
-        passes in C over the whole batch; the rest is per device: one lookup
-        for a lone piece, else a bitmap of the batch's sequences and one
-        intersection. Only devices with a hit are walked piece by piece.
-        """
-        groups: defaultdict[int, list[int]] = defaultdict(list)
-        try:
-            for serial, sequence, _ in pieces:
-                groups[serial].append(sequence)
-        except (TypeError, ValueError):
-            validate_pieces(pieces)
-            raise  # validate_pieces found nothing wrong: a bug, not bad input
-        stamp = latest_mailing(pieces).toordinal()
-        if not set(map(type, map(_SEQUENCE, pieces))) <= _INT:
-            validate_pieces(pieces)  # BitMap would truncate a float
+        """Flags and additions for a non-empty batch, checking it whole first; changes nothing."""
+        groups, stamp = _checked_groups(pieces)
         devices = self.devices
-        additions: list[tuple[int, Sequence[int]]] = []
-        hits: list[int] = []
-        for serial, sequences in groups.items():
-            if type(serial) is not int or not 0 <= serial < MAX_SERIAL:
-                validate_pieces(pieces)
+        additions: list[tuple[int, BitMap]] = []
+        hits: dict[int, AbstractBitMap] = {}  # serial: what is stored of it
+        for serial, sequences, new in groups:
             device = devices.get(serial)
-            if len(sequences) == 1:
-                sequence = sequences[0]
-                if not 0 <= sequence < MAX_SEQUENCE:
-                    validate_pieces(pieces)
-                if device is not None and sequence in device.bitmap:
-                    hits.append(serial)
-                    continue
+            if len(new) != len(sequences) or (device is not None and device.bitmap.intersect(new)):
+                hits[serial] = device.bitmap if device is not None else _EMPTY
             else:
-                try:
-                    new = BitMap(sequences)
-                except OverflowError:
-                    validate_pieces(pieces)
-                    raise
-                if len(new) != len(sequences) or (
-                    device is not None and device.bitmap.intersect(new)
-                ):
-                    hits.append(serial)
-                    continue
-            additions.append((serial, sequences))
+                additions.append((serial, new))
         seen = [False] * len(pieces)
         if hits:
-            self._walk(pieces, hits, seen, additions)
+            fresh = {serial: BitMap() for serial in hits}
+            for index, serial, sequence in _pieces_of(pieces, hits):
+                new = fresh[serial]
+                if sequence in new or sequence in hits[serial]:
+                    seen[index] = True
+                else:
+                    new.add(sequence)
+            for serial, new in fresh.items():
+                if new:
+                    new.run_optimize()
+                    additions.append((serial, new))
         return _Batch(seen, additions, stamp)
 
-    def _walk(
-        self,
-        pieces: Sequence[Piece],
-        hits: list[int],
-        seen: list[bool],
-        additions: list[tuple[int, Sequence[int]]],
-    ) -> None:
-        """Piece by piece, in order, for the devices whose batch meets what is stored."""
-        fresh = {serial: BitMap() for serial in hits}
-        for index, (serial, sequence, _) in enumerate(pieces):
-            new = fresh.get(serial)
-            if new is None:
-                continue
-            device = self.devices.get(serial)
-            if sequence in new or (device is not None and sequence in device.bitmap):
-                seen[index] = True
-            else:
-                new.add(sequence)
-        additions.extend((serial, new.to_array()) for serial, new in fresh.items() if new)
-
-    def apply(self, additions: Sequence[tuple[int, Sequence[int]]], stamp: int) -> None:
+    def lookup(self, pieces: Sequence[Piece]) -> list[bool]:
+        """For each piece of a non-empty batch, whether it is recorded; changes nothing."""
+        groups, _ = _checked_groups(pieces)
         devices = self.devices
-        for serial, sequences in additions:
+        hits: dict[int, AbstractBitMap] = {}
+        for serial, _, asked in groups:
+            device = devices.get(serial)
+            if device is not None and device.bitmap.intersect(asked):
+                hits[serial] = device.bitmap
+        seen = [False] * len(pieces)
+        for index, serial, sequence in _pieces_of(pieces, hits):
+            seen[index] = sequence in hits[serial]
+        return seen
+
+    def apply(self, additions: Iterable[tuple[int, BitMap]], stamp: int) -> None:
+        devices = self.devices
+        for serial, new in additions:
+            if not new:
+                continue
             device = devices.get(serial)
             if device is None:
                 device = devices[serial] = DeviceState(BitMap(), {})
+            device.bitmap |= new
             latest = device.latest
-            if len(sequences) == 1:
-                device.bitmap.add(sequences[0])
-                chunks: Iterable[int] = (sequences[0] >> CHUNK_BITS,)
-            else:
-                device.bitmap.update(sequences)
-                low, high = min(sequences) >> CHUNK_BITS, max(sequences) >> CHUNK_BITS
-                chunks = (low,) if low == high else {q >> CHUNK_BITS for q in sequences}
-            for chunk in chunks:
+            for chunk in _chunks(new):
                 if latest.get(chunk, -1) < stamp:
                     latest[chunk] = stamp
 
@@ -260,6 +253,86 @@ class _SeenPieces:
 
     def __len__(self) -> int:
         return sum(len(device.bitmap) for device in self.devices.values())
+
+
+_EMPTY = FrozenBitMap()  # what is stored of a device the store does not know
+
+
+def _checked_groups(pieces: Sequence[Piece]) -> tuple[list[_Group], int]:
+    """The pieces grouped by device, and the batch's stamp; InvalidInput for a bad piece.
+
+    The fast checks are exact (a check in C over the whole batch where one per device
+    would miss something, e.g. a serial 7.0 next to a 7, which would join device 7);
+    whatever they find odd, validate_pieces then names.
+    """
+    by_serial: defaultdict[int, list[int]] = defaultdict(list)
+    kinds = set(map(type, pieces))
+    try:
+        if kinds == _PIECE and _in_runs(pieces):
+            # Trays: a step in Python per run of one device's pieces, the rest in C.
+            for serial, run in groupby(pieces, _SERIAL):
+                by_serial[serial].extend(map(_SEQUENCE, run))
+        else:
+            if not kinds <= _PIECE_TYPES:
+                validate_pieces(pieces)  # e.g. a list of three, which unpacks like a piece
+            for serial, sequence, _ in pieces:
+                by_serial[serial].append(sequence)
+    except (TypeError, ValueError):
+        validate_pieces(pieces)
+        raise  # validate_pieces found nothing wrong: a bug, not bad input
+    if not set(map(type, map(_SERIAL, pieces))) <= _INT:
+        validate_pieces(pieces)
+    stamp = latest_mailing(pieces).toordinal()
+    groups: list[_Group] = []
+    for serial, sequences in by_serial.items():
+        if not 0 <= serial < MAX_SERIAL:
+            validate_pieces(pieces)
+        if not set(map(type, sequences)) <= _INT:
+            validate_pieces(pieces)  # BitMap would truncate a float
+        try:
+            bitmap = BitMap(sequences)  # runs of consecutive sequences become run containers
+        except (OverflowError, TypeError):
+            validate_pieces(pieces)
+            raise
+        groups.append(_Group(serial, sequences, bitmap))
+    return groups, stamp
+
+
+_PIECE = {Piece}
+_PIECE_TYPES = {Piece, tuple}
+_PROBE = 256  # pieces looked at to tell trays from pieces one by one
+_LONG_RUN = 8  # pieces of one device in a row, on average, for grouping by runs to pay
+
+
+def _in_runs(pieces: Sequence[Piece]) -> bool:
+    """Whether the batch's first pieces come in runs of one device (the grouping is the
+    same either way; only its speed differs)."""
+    head = list(map(_SERIAL, islice(pieces, _PROBE)))
+    changes: int = sum(map(ne, head, islice(head, 1, None)))
+    return changes * _LONG_RUN <= len(head)
+
+
+def _pieces_of(
+    pieces: Sequence[Piece], serials: dict[int, AbstractBitMap]
+) -> Iterator[tuple[int, int, int]]:
+    """(index, serial, sequence) of the pieces of these devices, in order.
+
+    The search for them runs in C: only their pieces cost a step in Python.
+    """
+    if not serials:
+        return
+    column = list(map(_SERIAL, pieces))
+    for index in compress(count(), map(serials.__contains__, column)):
+        yield index, column[index], pieces[index][1]
+
+
+def _chunks(bitmap: BitMap) -> list[int]:
+    """The chunks a non-empty bitmap has sequences in: one step per chunk, not per sequence."""
+    last = bitmap.max()
+    chunks = [bitmap.min() >> CHUNK_BITS]
+    while (start := (chunks[-1] + 1) << CHUNK_BITS) <= last:
+        chunks.append(bitmap.next_set_bit(start) >> CHUNK_BITS)
+    return chunks
 
 
 class _Store:
@@ -287,16 +360,25 @@ class MemoryReplayStore(_Store):
 
     def __init__(self) -> None:
         self._seen = _SeenPieces()
+        self._lock = threading.Lock()  # a batch is planned and applied as one step
 
     def check_and_set(self, pieces: Sequence[Piece]) -> list[bool]:
         if not pieces:
             return []
-        batch = self._seen.plan(pieces)
-        self._seen.apply(batch.additions, batch.stamp)
-        return batch.seen
+        with self._lock:
+            batch = self._seen.plan(pieces)
+            self._seen.apply(batch.additions, batch.stamp)
+            return batch.seen
+
+    def seen(self, pieces: Sequence[Piece]) -> list[bool]:
+        if not pieces:
+            return []
+        with self._lock:
+            return self._seen.lookup(pieces)
 
     def expire(self, today: date) -> int:
-        return self._seen.expire(today)
+        with self._lock:
+            return self._seen.expire(today)
 
     def close(self) -> None:
         pass
@@ -357,7 +439,9 @@ class EmbeddedReplayStore(_Store):
             self._usable()
             batch = self._seen.plan(pieces)
             if batch.additions:
-                record = fmt.encode_batch(batch.additions, batch.stamp)
+                record = fmt.encode_batch(
+                    [(serial, new.to_array()) for serial, new in batch.additions], batch.stamp
+                )
                 try:
                     _write_all(self._journal_fd, record, self._end)
                     os.fdatasync(self._journal_fd)
@@ -377,6 +461,12 @@ class EmbeddedReplayStore(_Store):
                     with contextlib.suppress(ReplayStoreError):
                         self._compact()
             return batch.seen
+
+    def seen(self, pieces: Sequence[Piece]) -> list[bool]:
+        """Whether each piece is recorded; writes nothing, takes the lock check_and_set takes."""
+        with self._lock:
+            self._usable()
+            return self._seen.lookup(pieces) if pieces else []
 
     def expire(self, today: date) -> int:
         """Forget what expired, and compact so the files forget it too."""
@@ -483,7 +573,7 @@ def _load(folder: Path) -> tuple[_SeenPieces, int, int]:
             )
         batches, end = _decoded(journal_path, fmt.decode_batches, journal)
         for batch in batches:
-            seen.apply(batch.additions, batch.stamp)
+            seen.apply(((serial, BitMap(new)) for serial, new in batch.additions), batch.stamp)
         fd = _open_journal(folder)
         if end != len(journal):
             os.ftruncate(fd, end)  # an unacknowledged tail: see the module docstring

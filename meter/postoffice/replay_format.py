@@ -12,7 +12,6 @@ import zlib
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain
 
 from pyroaring import BitMap
 
@@ -147,10 +146,13 @@ def decode_journal_header(data: bytes) -> int:
 
 def encode_batch(additions: Sequence[tuple[int, Sequence[int]]], stamp: int) -> bytes:
     """Group count u32, the groups' serials (u64 each), their piece counts (u32 each), then
-    every group's sequences (u32 each), little-endian: packed in C, whatever the batch."""
+    every group's sequences (u32 each), little-endian: packed in C, whatever the batch
+    (sequences given as array("I") are copied whole, a step per group, not per piece)."""
     serials = array("Q", [serial for serial, _ in additions])
     counts = array("I", [len(sequences) for _, sequences in additions])
-    flat = array("I", chain.from_iterable(sequences for _, sequences in additions))
+    flat = array("I")
+    for _, sequences in additions:
+        flat.extend(sequences)
     payload = b"".join(
         [_COUNT.pack(len(additions)), _little(serials), _little(counts), _little(flat)]
     )

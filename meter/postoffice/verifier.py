@@ -37,18 +37,27 @@ class Verifier:
     def verify(self, data: bytes) -> VerificationResult:
         return self.verify_batch([data])[0]
 
-    def verify_batch(self, items: Sequence[bytes]) -> list[VerificationResult]:
-        """The verdicts verify() would give in order, with one replay store call."""
+    def verify_batch(
+        self, items: Sequence[bytes], *, record: bool = True
+    ) -> list[VerificationResult]:
+        """The verdicts verify() would give in order, with one replay store call.
+
+        With ``record=False`` the replay store is only asked (``seen``), never
+        written: VALID then means "genuine and not accepted yet", and a later
+        verification of the same piece can still be VALID.
+        """
         outcomes = [self.judge(bytes(data)) for data in items]
         reached = [o for o in outcomes if isinstance(o, Indicium)]
-        decided = iter(self.check_replay(reached) if reached else [])
+        decided = iter(self.check_replay(reached, record=record) if reached else [])
         return [next(decided) if isinstance(o, Indicium) else o for o in outcomes]
 
-    def check_replay(self, reached: list[Indicium]) -> list[VerificationResult]:
-        """The DUPLICATE and VALID rows: one check-and-set for every piece that got there."""
+    def check_replay(
+        self, reached: list[Indicium], *, record: bool = True
+    ) -> list[VerificationResult]:
+        """The DUPLICATE and VALID rows: one check-and-set (or look) for the pieces that got there."""
         pieces = [Piece(i.device_serial, i.sequence, i.date_of_mailing) for i in reached]
         try:
-            seen = self._replay.check_and_set(pieces)
+            seen = self._replay.check_and_set(pieces) if record else self._replay.seen(pieces)
             if len(seen) != len(pieces):
                 raise ReplayStoreError(
                     f"replay store answered {len(seen)} flags for {len(pieces)} pieces"
@@ -56,7 +65,8 @@ class Verifier:
         except ReplayStoreError as exc:
             reason = f"replay store failed, piece not accepted: {exc}"
             return [VerificationResult(Verdict.ERROR, reason, i) for i in reached]
-        return [_after_replay(i, old) for i, old in zip(reached, seen, strict=True)]
+        after = _after_replay if record else _after_look
+        return [after(i, old) for i, old in zip(reached, seen, strict=True)]
 
     def judge(self, data: bytes) -> VerificationResult | Indicium:
         """Every row before DUPLICATE; an Indicium back means it reached that row."""
@@ -151,6 +161,14 @@ def _after_replay(indicium: Indicium, seen: bool) -> VerificationResult:
         piece = f"device {indicium.device_serial} piece {indicium.sequence}"
         return VerificationResult(Verdict.DUPLICATE, f"{piece} was already accepted", indicium)
     return VerificationResult(Verdict.VALID, "every check passed", indicium)
+
+
+def _after_look(indicium: Indicium, seen: bool) -> VerificationResult:
+    if seen:
+        return _after_replay(indicium, seen)
+    return VerificationResult(
+        Verdict.VALID, "every check passed; not accepted yet (nothing was recorded)", indicium
+    )
 
 
 def _forged(indicium: Indicium, reason: str) -> VerificationResult:
