@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from meter.errors import InvalidInput, ReplayStoreError
-from meter.postoffice import EmbeddedReplayStore, MemoryReplayStore, Piece
+from meter.postoffice import EmbeddedReplayStore, MemoryReplayStore, Piece, replay_model
 from meter.postoffice import replay as replay_module
 from meter.postoffice import replay_format as fmt
 
@@ -148,8 +148,8 @@ def test_tray_batches_answer_as_the_model_does(kind: str, tmp_path: Path) -> Non
 def test_the_shapes_take_both_ways_of_grouping() -> None:
     """The model test above covers the grouping by runs and the one piece by piece."""
     centre = Centre(5)
-    assert replay_module._in_runs(centre.batch("trays"))
-    assert not replay_module._in_runs(centre.batch("one by one"))
+    assert replay_model._in_runs(centre.batch("trays"))
+    assert not replay_model._in_runs(centre.batch("one by one"))
 
 
 def test_reopened_store_answers_the_same(tmp_path: Path) -> None:
