@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 from meter.cli.home import PIN_VARIABLES, Home
 from meter.protocol.credit import CreditGrant, CreditRequest
 from meter.token import Token, load_profile
+from meter.token.profile import profiles_dir
 
 SOFTHSM_MODULE = load_profile().module
 TEST_PINS = {
@@ -34,6 +37,50 @@ def require_service(available: bool, what: str) -> None:
 @pytest.fixture
 def softhsm() -> None:
     require_service(os.path.exists(SOFTHSM_MODULE), f"SoftHSM2 ({SOFTHSM_MODULE})")
+
+
+OPENCRYPTOKI_PROFILE = profiles_dir() / "opencryptoki.toml"
+# Lab PINs of openCryptoki's soft token (it takes 4 to 8 characters). The token is
+# machine-wide: OPENCRYPTOKI_SO_PIN / OPENCRYPTOKI_USER_PIN name others where it was
+# initialized with other PINs.
+OPENCRYPTOKI_LAB_PINS = {"so_pin": "labso-01", "user_pin": "labus-01"}
+
+
+def _pkcsslotd_running() -> bool:
+    try:
+        pid = int(Path("/run/pkcsslotd.pid").read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+@pytest.fixture
+def opencryptoki() -> dict[str, str]:
+    """openCryptoki's soft token, initialized with the lab PINs if it is new; its PINs.
+
+    Initialized in a child process, so this process never loads the module (the tests
+    that use it run the meter in children too).
+    """
+    profile = load_profile(OPENCRYPTOKI_PROFILE)
+    require_service(
+        os.path.exists(profile.module) and _pkcsslotd_running(),
+        f"openCryptoki ({profile.module} with pkcsslotd; scripts/opencryptoki-services start)",
+    )
+    pins = {
+        "so_pin": os.environ.get("OPENCRYPTOKI_SO_PIN", OPENCRYPTOKI_LAB_PINS["so_pin"]),
+        "user_pin": os.environ.get("OPENCRYPTOKI_USER_PIN", OPENCRYPTOKI_LAB_PINS["user_pin"]),
+    }
+    env = {
+        **os.environ,
+        "SLOT_FACTORY_SO_PIN": profile.selection.factory_so_pin or "",
+        "SLOT_SO_PIN": pins["so_pin"],
+        "SLOT_USER_PIN": pins["user_pin"],
+    }
+    command = [sys.executable, "-m", "meter.token.slot_token", profile.module]
+    command += [str(profile.selection.slot), "meter-ci"]
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=120)
+    return pins
 
 
 # The first users' passwords; they meet the default policy.

@@ -174,6 +174,7 @@ class Home:
             None,
             lock_dir=self.path / "locks",
             sync_dir=self._sync_dir(),
+            capabilities=self.profile.capabilities,
         )
         self.keep_token_copy("meter")
         return token
@@ -220,6 +221,7 @@ class Home:
             pin,
             lock_dir=self.path / "locks",
             sync_dir=self._sync_dir(),
+            capabilities=self.profile.capabilities,
         )
         self.keep_token_copy(party)
         return token

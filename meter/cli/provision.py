@@ -67,6 +67,8 @@ def init_home(
     ``meter_pins`` is for a lab that must open the new meter token itself (tests,
     benchmarks); by default the PINs are random and never leave this process.
     """
+    # What the token cannot do is refused before anything is made.
+    home.profile.require_for_provisioning(options.algorithm)
     home.path.mkdir(parents=True, exist_ok=True, mode=0o700)
     if home.token_exists("meter"):
         raise ConfigurationError(

@@ -33,8 +33,17 @@ class Pkcs11Module:
             raise ConfigurationError(
                 f"PKCS#11 module {path} does not exist (is the HSM software installed?)"
             )
-        with translated(f"module {path}", "load"):
+        try:
             self.lib = pkcs11.lib(path)
+        except pkcs11.PKCS11Error as exc:
+            # python-pkcs11 raises a bare PKCS11Error when dlopen or the symbol lookup fails.
+            if "C_GetFunctionList" in str(exc) or "OS exception" in str(exc):
+                raise ConfigurationError(
+                    f"{path} is not a PKCS#11 module (cannot load it, or it has no "
+                    f"C_GetFunctionList): {exc}"
+                ) from exc
+            with translated(f"module {path}", "load"):
+                raise
 
     def use_env(self, env: Mapping[str, str]) -> None:
         """Point the module at other settings (e.g. another SOFTHSM2_CONF), if nothing is open."""

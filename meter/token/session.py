@@ -95,6 +95,7 @@ class Token:
         lock_fd: int,
         sync_dir: Path | None,
         login: Login | None = "user",
+        capabilities: frozenset[str] | None = None,
     ) -> None:
         self._module = module
         self.label = label
@@ -108,6 +109,9 @@ class Token:
         # Key handles by (class, label): a lookup is a C_FindObjects round trip
         # on every signature otherwise. Keys only change through this object.
         self._keys: dict[tuple[ObjectClass, str], Any] = {}
+        # What the HSM profile claims this token can do (None: not known, assume all);
+        # the self-tests run only what is claimed.
+        self.capabilities = capabilities
 
     # -- lifetime ---------------------------------------------------------
 
@@ -121,6 +125,7 @@ class Token:
         lock_dir: Path,
         so: bool = False,
         sync_dir: Path | None = None,
+        capabilities: frozenset[str] | None = None,
     ) -> Token:
         """Open the token labelled ``label``, taking its process lock.
 
@@ -157,7 +162,7 @@ class Token:
             os.close(fd)
             raise
         login: Login | None = None if pin is None else "so" if so else "user"
-        return cls(module, label, token, session, fd, sync_dir, login)
+        return cls(module, label, token, session, fd, sync_dir, login, capabilities)
 
     @property
     def login_state(self) -> Login | None:
