@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -373,3 +374,80 @@ def forged_copy(data: bytes) -> bytes:
     changed = bytearray(data)
     changed[70] ^= 0x5A  # inside the signed part
     return bytes(changed)
+
+
+# --- the fast path: same verdicts and reasons as the rules read one by one -------------
+
+
+def test_ecdsa_der_built_from_bytes_equals_cryptography_s() -> None:
+    """p256_der gives encode_dss_signature's bytes, and refuses r or s outside [1, n-1]."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    from meter.indicium.signature import p256_der
+
+    rng = random.Random(20261202)
+    n = P256_ORDER
+    # Short values (leading zero bytes), top bits set and clear, the ends of the range.
+    values = [
+        1,
+        0x7F,
+        0x80,
+        0xFF,
+        2**255 - 1,
+        2**255,
+        n - 1,
+        *(rng.randrange(1, n) for _ in range(300)),
+    ]
+    values += [rng.randrange(1, 2 ** rng.randrange(1, 256)) for _ in range(300)]
+    for r in values:
+        s = values[rng.randrange(len(values))]
+        assert p256_der(r.to_bytes(32) + s.to_bytes(32)) == encode_dss_signature(r, s), (r, s)
+    for r, s in [(0, 1), (1, 0), (n, 1), (1, n), (2**256 - 1, 1), (1, n + 1)]:
+        with pytest.raises(InvalidSignature):
+            p256_der(r.to_bytes(32) + s.to_bytes(32))
+
+
+def test_every_byte_value_at_every_offset_gives_the_rules_verdict() -> None:
+    """decode's quick test accepts exactly what the field rules accept: at every offset of
+    the signed part, every byte value decodes or is MALFORMED with the rules' own reason."""
+    from meter.errors import MalformedIndicium
+    from meter.indicium.codec import LAYOUT, _malformation
+
+    data = signed(VECTORS, ECDSA)
+    rule_fields = {
+        "vendor_model",
+        "origin_zip",
+        "destination",
+        "date_of_mailing",
+        "rate_category",
+        "flags",
+        "sequence",
+        "reference_sequence",
+        "postage",
+    }
+    by_offset = {o: f for f in LAYOUT for o in range(f.offset, f.offset + f.length)}
+    malformed = 0
+    for offset in range(2, 84):  # the version and algorithm bytes have their own tests
+        for value in range(256):
+            altered = bytearray(data)
+            altered[offset] = value
+            wire = {
+                f.name: (
+                    int.from_bytes(altered[f.offset : f.offset + f.length])
+                    if f.kind.name == "UINT"
+                    else bytes(altered[f.offset : f.offset + f.length])
+                )
+                for f in LAYOUT
+                if f.name in rule_fields
+            }
+            expected = _malformation(**wire)
+            try:
+                decoded = decode(bytes(altered))
+            except MalformedIndicium as exc:
+                malformed += 1
+                assert str(exc) == expected, (by_offset[offset].name, value)
+            else:
+                assert expected is None, (by_offset[offset].name, value, expected)
+                assert decoded.signed_part() == bytes(altered[:84])
+    assert malformed > 1000  # the rules did refuse many of them

@@ -49,6 +49,9 @@ _DIGITS = b"0123456789"
 _RATES = {int(category): category for category in RateCategory}
 _ALGORITHMS = {int(algorithm): algorithm for algorithm in Algorithm}
 _TOTAL_LENGTHS = {algorithm: SIGNED_LENGTH + algorithm.signature_length for algorithm in Algorithm}
+_EPOCH_SECONDS = int(EPOCH.timestamp())
+_from_timestamp = datetime.fromtimestamp
+_new_object = object.__new__
 
 
 class _Kind(Enum):
@@ -180,8 +183,14 @@ class Indicium:
 
 def decode(data: bytes) -> Indicium:
     """Decode an indicium; MalformedIndicium names the rule it breaks."""
-    algorithm = _envelope(data)
-    # Unpacked by position in LAYOUT order: this is the verifier's hot path.
+    # This is the verifier's hot path: the usual indicium passes one quick test
+    # of every rule, and only one that fails it goes through _envelope and
+    # _malformation, which check the rules one by one in the spec's order and
+    # say which one it breaks.
+    algorithm = _ALGORITHMS.get(data[1]) if len(data) > 1 and data[0] == VERSION else None
+    if algorithm is None or len(data) != _TOTAL_LENGTHS[algorithm]:
+        algorithm = _envelope(data)
+    # Unpacked by position in LAYOUT order.
     (
         _version,
         _algorithm,
@@ -204,24 +213,49 @@ def decode(data: bytes) -> Indicium:
         reference_sequence,
     ) = _SIGNED.unpack_from(data)
     postage = int.from_bytes(postage)
-    problem = _malformation(
-        vendor_model=vendor_model,
-        origin_zip=origin_zip,
-        destination=destination,
-        date_of_mailing=date_of_mailing,
-        rate_category=rate_category,
-        flags=flags,
-        sequence=sequence,
-        reference_sequence=reference_sequence,
-        postage=postage,
-    )
-    if problem is not None:
-        raise MalformedIndicium(problem)
-    day = date_of_mailing
+    rate = _RATES.get(rate_category)
+    year = date_of_mailing // 10000
+    try:
+        day: date | None = date(year, date_of_mailing // 100 % 100, date_of_mailing % 100)
+    except ValueError:
+        day = None
+    # The quick test: passing it implies _malformation finds nothing (bytes.isdigit
+    # is ASCII digits only, and the fields are never empty); failing it, that
+    # function decides.
+    if not (
+        day is not None
+        and FIRST_YEAR <= year <= LAST_YEAR
+        and rate is not None
+        and not vendor_model.translate(None, _UPPER_AND_DIGITS)
+        and origin_zip.isdigit()
+        and destination.isdigit()
+        and not flags & ~_FLAGS_DEFINED
+        and sequence
+        and (
+            0 < reference_sequence < sequence
+            if flags & FLAG_CORRECTION
+            else reference_sequence == 0
+        )
+        and not (flags & FLAG_SPECIMEN and postage)
+    ):
+        problem = _malformation(
+            vendor_model=vendor_model,
+            origin_zip=origin_zip,
+            destination=destination,
+            date_of_mailing=date_of_mailing,
+            rate_category=rate_category,
+            flags=flags,
+            sequence=sequence,
+            reference_sequence=reference_sequence,
+            postage=postage,
+        )
+        if problem is not None:
+            raise MalformedIndicium(problem)
+        raise AssertionError(f"the quick test refused an indicium the rules accept: {data.hex()}")
     # Filled in directly rather than through the frozen __init__ (19 calls of
-    # object.__setattr__): this is the verifier's hot path, and every value
-    # has just been checked. A test compares the result with Indicium(...).
-    indicium = object.__new__(Indicium)
+    # object.__setattr__): every value has just been checked. A test compares
+    # the result with Indicium(...).
+    indicium = _new_object(Indicium)
     indicium.__dict__.update(
         algorithm=algorithm,
         authorization_id=authorization_id,
@@ -232,9 +266,11 @@ def decode(data: bytes) -> Indicium:
         ascending=int.from_bytes(ascending),
         descending=int.from_bytes(descending),
         postage=postage,
-        rate_category=_RATES[rate_category],
-        date_of_mailing=date(day // 10000, day // 100 % 100, day % 100),
-        time_of_issue=EPOCH + timedelta(seconds=time_of_issue),
+        rate_category=rate,
+        date_of_mailing=day,
+        # A quarter faster than EPOCH + timedelta(seconds=...), and the same value
+        # (whole seconds, UTC).
+        time_of_issue=_from_timestamp(_EPOCH_SECONDS + time_of_issue, UTC),
         origin_zip=origin_zip.decode("ascii"),
         destination=destination.decode("ascii"),
         address_digest=address_digest,

@@ -8,7 +8,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from meter.indicium.codec import Algorithm
 
@@ -17,6 +16,10 @@ PSS_SALT_LENGTH = 32
 RSA_BITS = 2048
 # Order n of the P-256 group (SEC 2); r and s must lie in [1, n-1].
 _P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+# r and s as 32-byte big-endian strings: equal-length byte strings compare as the
+# numbers they hold, so the range check needs no conversion to int.
+_P256_ORDER_BYTES = _P256_ORDER.to_bytes(32)
+_ZERO_32 = bytes(32)
 
 
 def key_id(public_key: PublicKeyTypes) -> bytes:
@@ -38,6 +41,26 @@ def verify_signature(
     VerifyingKey(public_key).verify(algorithm, signed_part, signature)
 
 
+def p256_der(signature: bytes) -> bytes:
+    """The DER ECDSA-Sig-Value of a 64-byte r || s; InvalidSignature unless 1 <= r, s <= n-1.
+
+    Built from the bytes (half the time of int.from_bytes and encode_dss_signature,
+    which give the same bytes): each INTEGER is its big-endian value without
+    leading zero bytes, and one zero byte before it when its top bit is set.
+    """
+    whole = bytes(signature)  # no copy for bytes; a memoryview does not compare
+    r, s = whole[:32], whole[32:]
+    if not (_ZERO_32 < r < _P256_ORDER_BYTES and _ZERO_32 < s < _P256_ORDER_BYTES):
+        raise InvalidSignature
+    r, s = r.lstrip(b"\0"), s.lstrip(b"\0")
+    if r[0] > 0x7F:
+        r = b"\0" + r
+    if s[0] > 0x7F:
+        s = b"\0" + s
+    # At most 2 * (2 + 33) = 70 bytes: every length fits the one-byte short form.
+    return b"\x30" + bytes((len(r) + len(s) + 4, 2, len(r))) + r + bytes((2, len(s))) + s
+
+
 class VerifyingKey:
     """A public key whose fitting algorithm is worked out once, to verify many indicia."""
 
@@ -47,6 +70,7 @@ class VerifyingKey:
         "_ed25519_key",
         "_pss",
         "_rsa_key",
+        "_signature_length",
         "algorithm",
         "public_key",
     )
@@ -67,18 +91,16 @@ class VerifyingKey:
             self.algorithm, self._ed25519_key = Algorithm.ED25519, public_key
         elif isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size == RSA_BITS:
             self.algorithm, self._rsa_key = Algorithm.RSA_PSS_2048, public_key
+        self._signature_length = -1 if self.algorithm is None else self.algorithm.signature_length
 
     def verify(self, algorithm: Algorithm, signed_part: bytes, signature: bytes) -> None:
         """Return if the signature verifies; raise InvalidSignature otherwise."""
-        if algorithm is not self.algorithm or len(signature) != algorithm.signature_length:
+        # The length of this key's algorithm, read once: the property costs a call.
+        if algorithm is not self.algorithm or len(signature) != self._signature_length:
             raise InvalidSignature
         if self._ecdsa_key is not None:
             # r || s as PKCS#11 CKM_ECDSA returns it; cryptography wants DER.
-            r = int.from_bytes(signature[:32])
-            s = int.from_bytes(signature[32:])
-            if not (0 < r < _P256_ORDER and 0 < s < _P256_ORDER):
-                raise InvalidSignature
-            self._ecdsa_key.verify(encode_dss_signature(r, s), signed_part, self._ecdsa)
+            self._ecdsa_key.verify(p256_der(signature), signed_part, self._ecdsa)
         elif self._ed25519_key is not None:
             self._ed25519_key.verify(signature, signed_part)
         elif self._rsa_key is not None:

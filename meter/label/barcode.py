@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import zxingcpp
 from pdf417gen.encoding import encode_rows
 from pdf417gen.error_correction import compute_error_correction_code_words
-from PIL import Image
+from PIL import Image, ImageOps
 
 from meter.errors import BarcodeError, InvalidInput
 from meter.label.image_limits import (
@@ -53,6 +53,9 @@ _BYTE_LATCH_6 = 924  # byte compaction, length a multiple of 6
 _PAD = 900
 _TARGET_ASPECT = 2.0  # width : height; prints well beside the human-readable block
 _WANTED = (zxingcpp.BarcodeFormat.PDF417, zxingcpp.BarcodeFormat.DataMatrix)
+_PDF417 = zxingcpp.BarcodeFormats(zxingcpp.BarcodeFormat.PDF417)
+_DATAMATRIX = zxingcpp.BarcodeFormats(zxingcpp.BarcodeFormat.DataMatrix)
+_BOTH = zxingcpp.BarcodeFormats(_WANTED)
 # 1 bits are bars (black), 0 bits spaces (white), as 8-bit grey levels.
 _BITS_TO_GREY = bytes.maketrans(b"01", b"\xff\x00")
 
@@ -217,15 +220,52 @@ def _auto_columns(total: int) -> int:
 
 
 def _read(image: Image.Image) -> list[zxingcpp.Barcode]:
+    """The symbols found, by the cheapest search that finds a PDF417 or Data Matrix one.
+
+    Each step runs only when the ones before found no such symbol: a straight
+    label costs one detector at full resolution and no rotation (3.5 times
+    faster than zxing-cpp's default search), a rotated or inverted scan costs
+    the searches before the one that reads it, and an image that holds no such
+    symbol gets the full search, whose findings (damaged symbols, other formats)
+    explain why.
+    """
     grey = _flatten(image)
-    # Fast path: the two accepted formats at full resolution, every orientation.
-    found = zxingcpp.read_barcodes(
-        grey, formats=zxingcpp.BarcodeFormats(_WANTED), try_downscale=False, try_invert=False
+    # 1. PDF417, the label's default: its detector reads it upright and upside down.
+    found = _read_as_is(grey, _PDF417)
+    if found:
+        # A Data Matrix beside it would make two symbols (refused: which one is the
+        # piece?). Looked for at half resolution, where the label's 6 px modules are
+        # still 3 px: a third of the time of a full-resolution look.
+        half = grey.reduce(2)
+        return found + _read_as_is(half, _DATAMATRIX)
+    # 2. Data Matrix, the other symbology, upright.
+    found = _read_as_is(grey, _DATAMATRIX)
+    if found:
+        return found
+    # 3. Both formats in every orientation (90 and 270 degrees; a Data Matrix upside down).
+    found = list(zxingcpp.read_barcodes(grey, formats=_BOTH, try_downscale=False, try_invert=False))
+    if found:
+        return found
+    # 4. Every trick and every format, failed symbols included, to find a symbol or
+    # explain its absence.
+    found = list(zxingcpp.read_barcodes(grey, return_errors=True))
+    if any(b.valid and b.format in _WANTED for b in found):
+        return found
+    # 5. A negative scan: zxing-cpp's try_invert finds a light-on-dark Data Matrix
+    # but not a PDF417, so the image itself is inverted.
+    light_on_dark = list(
+        zxingcpp.read_barcodes(
+            ImageOps.invert(grey), formats=_BOTH, try_downscale=False, try_invert=False
+        )
     )
-    if not found:
-        # Slow path, only for hard or wrong images: every trick and every
-        # format, failed symbols included, to find a symbol or explain its absence.
-        found = zxingcpp.read_barcodes(grey, return_errors=True)
+    return light_on_dark if light_on_dark else found
+
+
+def _read_as_is(image: Image.Image, formats: zxingcpp.BarcodeFormats) -> list[zxingcpp.Barcode]:
+    """The cheapest search: the image as it is, at full resolution, in one orientation."""
+    found = zxingcpp.read_barcodes(
+        image, formats=formats, try_rotate=False, try_invert=False, try_downscale=False
+    )
     return list(found)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date
+from functools import partial
+from operator import attrgetter
 
 from cryptography.exceptions import InvalidSignature
 
@@ -16,6 +18,9 @@ from meter.postoffice.verdict import Verdict, VerificationResult
 
 MAX_DAYS_AHEAD = 1  # date of mailing at most this many days after the verifier's date
 MAX_AGE_DAYS = 183  # ... and at most this many days before it
+
+_PIECE_FIELDS = attrgetter("device_serial", "sequence", "date_of_mailing")
+_new_piece: Callable[[tuple[int, int, date]], Piece] = partial(tuple.__new__, Piece)
 
 
 class Verifier:
@@ -55,7 +60,9 @@ class Verifier:
         self, reached: list[Indicium], *, record: bool = True
     ) -> list[VerificationResult]:
         """The DUPLICATE and VALID rows: one check-and-set (or look) for the pieces that got there."""
-        pieces = [Piece(i.device_serial, i.sequence, i.date_of_mailing) for i in reached]
+        # In C: three attributes at once, and the tuple made a Piece without the
+        # Python-level __new__ of a named tuple (a third of a microsecond each).
+        pieces = list(map(_new_piece, map(_PIECE_FIELDS, reached)))
         try:
             seen = self._replay.check_and_set(pieces) if record else self._replay.seen(pieces)
             if len(seen) != len(pieces):
