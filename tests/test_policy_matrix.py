@@ -98,6 +98,7 @@ def _calls(client: DeviceClient, home: Home, role: Role) -> dict[Service, Callab
         ),
         Service.CREATE_AUDIT_KEY: lambda: client.post("/v1/audit-key"),
         Service.CREATE_INDICIUM: lambda: client.issue(REQUEST),
+        Service.CREATE_INDICIUM_BATCH: lambda: client.issue_batch([REQUEST, REQUEST]),
         Service.CREATE_CORRECTION_INDICIUM: lambda: client.issue(replace(REQUEST, correction_of=1)),
         Service.WITHDRAW_PSD: lambda: client.post("/v1/withdraw"),
         Service.DELETE_USER: lambda: client.call("DELETE", f"/v1/users/{walk}"),

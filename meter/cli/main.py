@@ -363,6 +363,7 @@ device_cli.add_audit_commands(audit_cli.audit)
 from meter.cli import serve_cli  # noqa: E402, F401
 
 cli.add_command(provider_cli.provider)
+import meter.cli.batch_cli  # noqa: E402
 import meter.cli.hsm_cli  # noqa: E402, F401
 from meter.cli import reconcile_cli, stations_cli  # noqa: E402, F401
 

@@ -9,19 +9,30 @@ token.
 
 from __future__ import annotations
 
+import re
 import secrets
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from meter.cli.batch_csv import BatchRow
 from meter.cli.home import Home
-from meter.errors import ConfigurationError
+from meter.errors import (
+    ConfigurationError,
+    InsufficientFunds,
+    InvalidInput,
+    MeterError,
+    TokenUnavailable,
+)
 from meter.host import DeviceClient
 from meter.indicium import Indicium
 from meter.label import LabelInfo, render_label, write_label
+from meter.label.layout import check_label
+from meter.label.sheets import LAYOUTS, SheetLabel, SheetResult, write_sheets
+from meter.protocol.batch import split_batches
 from meter.protocol.issue import IssueRequest
 from meter.provider import Provider
 from meter.psd.roles import Role
@@ -29,10 +40,12 @@ from meter.psd.roles import Role
 __all__ = [
     "DEMO_CUSTOMER",
     "DEMO_USERS",
+    "BatchIssued",
     "IssuedLabel",
     "credit_from_local_provider",
     "development_password",
     "format_mills",
+    "issue_batch_on",
     "issue_on",
     "setup_demo_device",
 ]
@@ -183,3 +196,126 @@ def setup_demo_device(
         client.logon("provider", passwords["provider"])
         client.post("/v1/customer", {"customer": DEMO_CUSTOMER})
         return credit_from_local_provider(client, home, credit_mills)
+
+
+# -- batches (meter issue-batch) ---------------------------------------------------------
+
+_DEVICE_PIECE = re.compile(r"^piece (\d+) of the batch: (.*)$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class BatchIssued:
+    """What `issue_batch_on` did: the pieces issued, in the rows' order, and their PDF."""
+
+    indicia: tuple[Indicium, ...]
+    batches: tuple[dict[str, Any], ...]  # per device batch: rows, sequences, postage
+    sheets: SheetResult
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "pdf": str(self.sheets.path),
+            "pieces": len(self.indicia),
+            "pages": self.sheets.pages,
+            "layout": self.sheets.layout,
+            "workers": self.sheets.workers,
+            "first_sequence": self.indicia[0].sequence,
+            "last_sequence": self.indicia[-1].sequence,
+            "total_postage": sum(i.postage for i in self.indicia),
+            "descending": self.indicia[-1].descending,
+            "batches": list(self.batches),
+        }
+
+
+def issue_batch_on(
+    client: DeviceClient,
+    rows: Sequence[BatchRow],
+    out: Path,
+    *,
+    layout: str = "4x6",
+    symbology: str = "pdf417",
+    workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> BatchIssued:
+    """Create Indicium for every row, in device batches (one durable debit each), then
+    every label into the one PDF ``out``, laid out on ``workers`` processes.
+
+    Refused before anything is issued: a row whose label cannot be printed, a layout
+    or folder that cannot be written, rows that total more than the descending
+    register. A device batch refused after earlier ones were issued still gets the
+    earlier ones' labels written; the error says which rows were issued.
+    """
+    if layout not in LAYOUTS:
+        raise InvalidInput(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    for row in rows:
+        lines = row.request.address_lines()
+        try:
+            check_label(_placeholder_info(row.request, lines), symbology=symbology)
+        except MeterError as exc:
+            raise InvalidInput(
+                f"{row.where()}, field 'address': {exc}; nothing was issued"
+            ) from exc
+    _require_writable(out.parent)
+    total = sum(r.request.postage for r in rows)
+    descending = int(client.get("/v1/psd-status")["descending"])
+    if total > descending:
+        raise InsufficientFunds(
+            f"the {len(rows)} rows total {format_mills(total)}, more than the descending "
+            f"register ({format_mills(descending)}); nothing was issued"
+        )
+    indicia: list[Indicium] = []
+    batches: list[dict[str, Any]] = []
+    failure: MeterError | None = None
+    requests = [r.request for r in rows]
+    for start, chunk in split_batches(requests):
+        try:
+            result = client.issue_batch(chunk)
+        except MeterError as exc:
+            failure = _batch_refusal(exc, rows, start, len(chunk))
+            break
+        indicia += result.indicia
+        batches.append(
+            {
+                "rows": [rows[start].row, rows[start + len(chunk) - 1].row],
+                "first_sequence": result.first_sequence,
+                "last_sequence": result.last_sequence,
+                "total_postage": result.total_postage,
+            }
+        )
+    if not indicia:
+        assert failure is not None
+        raise failure
+    labels = [
+        SheetLabel(ind.to_bytes(), label_info(ind, row.request.address_lines()), symbology)
+        for ind, row in zip(indicia, rows, strict=False)
+    ]
+    try:
+        sheets = write_sheets(labels, out, layout=layout, workers=workers, progress=progress)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"pieces {indicia[0].sequence}-{indicia[-1].sequence} were issued, but their "
+            f"labels could not be written to {out} ({exc.strerror or exc}); the indicia are "
+            "in the device's audit log"
+        ) from exc
+    if failure is not None:
+        done = rows[len(indicia) - 1].row
+        raise type(failure)(
+            f"rows 1-{done} were issued (pieces {indicia[0].sequence}-{indicia[-1].sequence}) "
+            f"and their labels written to {sheets.path}; then: {failure}"
+        )
+    return BatchIssued(tuple(indicia), tuple(batches), sheets)
+
+
+def _batch_refusal(exc: MeterError, rows: Sequence[BatchRow], start: int, size: int) -> MeterError:
+    """The device's refusal of a batch, its "piece N" turned into the file's row."""
+    first, last = rows[start], rows[start + size - 1]
+    found = _DEVICE_PIECE.match(str(exc))
+    if found is not None and 0 < int(found.group(1)) <= size:
+        row = rows[start + int(found.group(1)) - 1]
+        return type(exc)(f"{row.where()}: the device refused it: {found.group(2)}")
+    if isinstance(exc, TokenUnavailable):
+        return TokenUnavailable(
+            f"{exc}. Rows {first.row}-{last.row} were in flight: if Retrieve PSD Status shows "
+            "the piece count advanced by them, they were debited and are lost with the batch "
+            "(the audit log has its create-indicium-batch record); issue them again"
+        )
+    return type(exc)(f"rows {first.row}-{last.row}: {exc}")

@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Sequence
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 from meter import errors
 from meter.errors import DeviceNotRunning, MeterError, ProtocolError
 from meter.indicium import Indicium, decode
+from meter.protocol.batch import BatchResult, batch_body
 from meter.protocol.credit import CreditGrant, CreditRequest
 from meter.protocol.issue import IssueRequest
 
@@ -181,6 +183,12 @@ class DeviceClient:
             return decode(bytes.fromhex(answer["indicium_hex"]))
         except (KeyError, ValueError) as exc:
             raise ProtocolError("the device's indicium does not decode") from exc
+
+    def issue_batch(self, requests: Sequence[IssueRequest]) -> BatchResult:
+        """Create Indicium for a batch (at most MAX_BATCH_PIECES; see `split_batches`): the
+        device debits all in one durable write and answers them with consecutive sequences."""
+        answer = self.post("/v1/indicia/batch", batch_body(requests))
+        return BatchResult.from_json(answer, len(requests))
 
     def request_credit(self) -> CreditRequest:
         answer = self.post("/v1/credit/request")

@@ -15,6 +15,7 @@ import dataclasses
 import io
 import os
 import re
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from PIL import Image, ImageDraw, ImageFont
-from reportlab.pdfbase import pdfmetrics
+from reportlab.pdfbase import pdfdoc, pdfmetrics
 from reportlab.pdfbase.ttfonts import TTFont
 from reportlab.pdfgen import canvas
 
@@ -418,3 +419,124 @@ def _draw_pdf_symbol(pdf: canvas.Canvas, code: _Code, page_h: int) -> None:
     pdf.setFillGray(0)
     pdf.addLiteral("\n".join([*bars, "f"]))
     pdf.restoreState()
+
+
+# --- labels for multi-label documents (meter.label.sheets) ------------------------------
+
+
+@dataclass(frozen=True)
+class LabelPlan:
+    """A label laid out for a PDF page, its barcode drawn already: everything but the texts,
+    whose drawing needs the document (its font subsets). Picklable, so that other processes
+    make it; the barcode is a compressed Form XObject stream, which no process touches again.
+    """
+
+    ops: tuple[_Text | _Box, ...]
+    barcode: bytes  # Flate-compressed content: the bars as one path, in module units
+    barcode_box: tuple[int, int]  # the form's width and height, in module units
+    barcode_transform: tuple[float, float, float, float, float, float]  # to page points
+
+
+def plan_label(indicium: bytes, info: LabelInfo, *, symbology: str = "pdf417") -> LabelPlan:
+    """What `render_label` lays out, with its checks and errors, ready for `draw_label`."""
+    if not isinstance(symbology, str) or symbology not in _ENCODERS:
+        raise InvalidInput(
+            f"label: unknown symbology {symbology!r}; choose one of {', '.join(SYMBOLOGIES)}"
+        )
+    for text in _texts(info):
+        check_printable(text)
+    encode, module_px = _ENCODERS[symbology]
+    ops = _plan(_Code(0, 0, encode(indicium), module_px), info)
+    (code,) = (op for op in ops if isinstance(op, _Code))
+    k, page_h = _PT_PER_PX, PAGE_PX[1]
+    symbol, module = code.symbol, code.module_px
+    rows = symbol.rows
+    quiet = symbol.quiet_modules * module
+    bottom = page_h - code.y - quiet - symbol.height * module
+    # The same path as _draw_pdf_symbol's, under the same transform.
+    bars = [
+        f"{run.start()} {len(rows) - 1 - r} {run.end() - run.start()} 1 re"
+        for r, row in enumerate(rows)
+        for run in _BARS.finditer(row)
+    ]
+    return LabelPlan(
+        tuple(op for op in ops if not isinstance(op, _Code)),
+        zlib.compress("\n".join(["0 g", *bars, "f"]).encode("ascii")),
+        (symbol.width, len(rows)),
+        (module * k, 0.0, 0.0, symbol.row_modules * module * k, (code.x + quiet) * k, bottom * k),
+    )
+
+
+def draw_label(pdf: canvas.Canvas, plan: LabelPlan, name: str) -> None:
+    """Draw a planned label on the current page, its bottom left corner at the origin of the
+    current coordinates (in points: a 4 x 6 inch label is 288 x 432), as `render_label`'s
+    PDF draws it. ``name`` names its barcode's form in the document: one per label."""
+    k = _PT_PER_PX
+    page_h = PAGE_PX[1]
+    for op in plan.ops:
+        if isinstance(op, _Box):
+            w, h = (op.x1 - op.x0) * k, (op.y1 - op.y0) * k
+            x, y = op.x0 * k, (page_h - op.y1) * k
+            if op.grey is not None:
+                pdf.setFillGray(op.grey / 255)
+                pdf.rect(x, y, w, h, stroke=0, fill=1)
+            if op.line:
+                half = op.line * k / 2  # inset: the stroke stays inside, as in _draw_pdf
+                pdf.setLineWidth(op.line * k)
+                pdf.setStrokeGray(0)
+                pdf.rect(x + half, y + half, w - 2 * half, h - 2 * half, stroke=1, fill=0)
+        else:
+            pdf.setFillGray(op.grey / 255)
+            pdf.setFont(_pdf_font(op.bold), op.size * k)
+            draw = {"l": pdf.drawString, "r": pdf.drawRightString, "m": pdf.drawCentredString}
+            draw[op.align](op.x * k, (page_h - op.baseline) * k, op.text)
+    width, height = plan.barcode_box
+    form = pdfdoc.PDFStream(
+        pdfdoc.PDFDictionary(
+            {
+                "Type": pdfdoc.PDFName("XObject"),
+                "Subtype": pdfdoc.PDFName("Form"),
+                "FormType": 1,
+                "BBox": pdfdoc.PDFArray([0, 0, width, height]),
+                # Named: reportlab then writes the compressed bytes as they are.
+                "Filter": pdfdoc.PDFArray([pdfdoc.PDFName("FlateDecode")]),
+            }
+        ),
+        plan.barcode,
+    )
+    pdf._doc.addForm(name, form)
+    pdf.saveState()
+    pdf.transform(*plan.barcode_transform)
+    pdf.doForm(name)
+    pdf.restoreState()
+
+
+def render_label_pdf(indicium: bytes, info: LabelInfo, *, symbology: str = "pdf417") -> bytes:
+    """The one-page PDF of `render_label` alone, without the PNG."""
+    if not isinstance(symbology, str) or symbology not in _ENCODERS:
+        raise InvalidInput(
+            f"label: unknown symbology {symbology!r}; choose one of {', '.join(SYMBOLOGIES)}"
+        )
+    for text in _texts(info):
+        check_printable(text)
+    encode, module_px = _ENCODERS[symbology]
+    return _draw_pdf(_plan(_Code(0, 0, encode(indicium), module_px), info))
+
+
+def check_label(info: LabelInfo, *, symbology: str = "pdf417", indicium_length: int = 340) -> None:
+    """Raise what `render_label` would for ``info`` beside an indicium of that length (the
+    widest, RSA-PSS-2048's, by default), without encoding a barcode per label: a caller
+    checks a whole batch of addresses before the device issues any of it."""
+    if not isinstance(symbology, str) or symbology not in _ENCODERS:
+        raise InvalidInput(
+            f"label: unknown symbology {symbology!r}; choose one of {', '.join(SYMBOLOGIES)}"
+        )
+    for text in _texts(info):
+        check_printable(text)
+    _plan(_placeholder_code(symbology, indicium_length), info)
+
+
+@lru_cache(maxsize=8)
+def _placeholder_code(symbology: str, length: int) -> _Code:
+    encode, module_px = _ENCODERS[symbology]
+    return _Code(0, 0, encode(bytes(length)), module_px)

@@ -1,8 +1,9 @@
 """The meter's records and its cryptographic work: provisioning, certificates, credit, issuing.
 
-Every value that leaves the meter is checked first; the debit is made
-durable in the token before the signature is computed, so a crash may lose
-the one piece in flight but never creates postage or reuses a sequence.
+Every value that leaves the meter is checked first; an indicium leaves only
+once its debit is durable in the token, so a crash may lose the one piece (or
+the one batch: one register write debits it whole) in flight but never creates
+postage or reuses a sequence.
 
 Everything that decides what the device does lives in private token
 objects under the register MAC: the registers, the device state (pinned by
@@ -13,10 +14,9 @@ root pinned by digest). See meter.psd.registers and meter.psd.device_state.
 from __future__ import annotations
 
 import hashlib
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -24,40 +24,29 @@ from cryptography.hazmat.primitives import serialization
 from meter.errors import (
     CertificateError,
     DeviceLocked,
+    IndiciumError,
     InvalidInput,
     ProtocolError,
     RegisterCorrupt,
 )
 from meter.indicium import (
-    EPOCH,
-    FLAG_CORRECTION,
-    FLAG_SPECIMEN,
-    MAX_ADVANCE_DAYS,
-    MAX_POSTAGE,
-    Algorithm,
     Indicium,
-    address_digest,
     key_id,
 )
 from meter.protocol.credit import CreditGrant, CreditRequest, verify_provider_certificate
 from meter.protocol.issue import IssueRequest
 from meter.psd.device_state import DeviceState, DeviceStateStore
 from meter.psd.identity import DeviceIdentity, load_identity, store_identity
+from meter.psd.pieces import Issuer, SignedBatch, check_request, unsigned_indicium
 from meter.psd.register_store import MAC_KEY_LABEL, RegisterStore
 from meter.psd.registers import NO_ROOT, Registers
-from meter.token import KeyAlgorithm, Token
+from meter.token import Token
 
-__all__ = ["CERT_APPLICATION", "SIGNING_KEY_LABEL", "IssueRequest", "Meter"]
+__all__ = ["CERT_APPLICATION", "SIGNING_KEY_LABEL", "IssueRequest", "Meter", "SignedBatch"]
 
 SIGNING_KEY_LABEL = "indicium-signing"
 CERT_APPLICATION = "meter.certificate"
 _CERT_LABELS = ("meter", "provider", "postal-root")
-_ZIP5 = re.compile(r"[0-9]{5}")
-_ALGORITHM_BYTE = {
-    KeyAlgorithm.ECDSA_P256: Algorithm.ECDSA_P256,
-    KeyAlgorithm.ED25519: Algorithm.ED25519,
-    KeyAlgorithm.RSA_PSS_2048: Algorithm.RSA_PSS_2048,
-}
 
 Clock = Callable[[], datetime]
 
@@ -93,6 +82,7 @@ class Meter:
         self.certificates = certificates
         self._public_key_spki = token.public_key_spki(SIGNING_KEY_LABEL)
         self.key_id = key_id(serialization.load_der_public_key(self._public_key_spki))
+        self._issuer = Issuer(identity, self.key_id)
 
     # -- lifetime ---------------------------------------------------------
 
@@ -241,60 +231,10 @@ class Meter:
         """
         self._require_certified()
         now = self.now()
-        if now < EPOCH:
-            raise InvalidInput(f"meter clock {now.isoformat()} is before 2020")
-        today = now.date()
-        mailing = request.date_of_mailing or today
-        if mailing < today:
-            raise InvalidInput(f"date of mailing {mailing} is before the meter's date {today}")
-        if mailing > today + timedelta(days=MAX_ADVANCE_DAYS):
-            raise InvalidInput(
-                f"date of mailing {mailing} is more than {MAX_ADVANCE_DAYS} days after {today} "
-                "(advance-dating limit)"
-            )
-        if not _ZIP5.fullmatch(request.origin_zip):
-            raise InvalidInput(f"origin ZIP '{request.origin_zip}' must be 5 digits")
-        destination = request.destination()
-        if request.specimen:
-            if request.postage != 0:
-                raise InvalidInput("a specimen indicium carries no postage: postage must be 0")
-        elif not 0 < request.postage <= MAX_POSTAGE:
-            raise InvalidInput(
-                f"postage {request.postage} mills must be between 1 and {MAX_POSTAGE} mills"
-            )
         current = self._registers.current
-        flags, reference = 0, 0
-        if request.specimen:
-            flags |= FLAG_SPECIMEN
-        if request.correction_of is not None:
-            if not 0 < request.correction_of <= current.sequence:
-                raise InvalidInput(
-                    f"correction refers to piece {request.correction_of}, but this meter has "
-                    f"issued pieces 1..{current.sequence}"
-                )
-            flags |= FLAG_CORRECTION
-            reference = request.correction_of
+        checked = check_request(request, now, current)
         new = current.debit(request.postage)
-        unsigned = Indicium(
-            algorithm=_ALGORITHM_BYTE[self.identity.algorithm],
-            authorization_id=self.identity.authorization_id,
-            vendor_model=self.identity.vendor_model,
-            device_serial=self.identity.device_serial,
-            key_id=self.key_id,
-            sequence=new.sequence,
-            ascending=new.ascending,
-            descending=new.descending,
-            postage=request.postage,
-            rate_category=request.rate_category,
-            date_of_mailing=mailing,
-            time_of_issue=now,
-            origin_zip=request.origin_zip,
-            destination=destination,
-            address_digest=address_digest(request.address),
-            software_id=self.identity.software_id,
-            flags=flags,
-            reference_sequence=reference,
-        )
+        unsigned = unsigned_indicium(self._issuer, request, now, new.piece, checked)
         signed_part = unsigned.signed_part()  # every field checked before anything changes
         # Signed before the debit exists: the indicium leaves this method only once the
         # debit is durable, so it never exists outside without it; and the token signs
@@ -307,6 +247,60 @@ class Meter:
             also_durable=also_durable,
         )
         return indicium
+
+    def issue_batch(
+        self,
+        requests: Sequence[IssueRequest],
+        *,
+        record: Callable[[SignedBatch], None] | None = None,
+        also_durable: Callable[[], None] | None = None,
+    ) -> SignedBatch:
+        """Debit a whole batch in ONE durable register write and sign an indicium for each
+        piece, with consecutive sequences; return them only once that write is durable.
+
+        Every request is checked first, then the total against the descending register:
+        a bad piece (named by its place in the batch) or a batch the register does not
+        cover changes nothing. Each indicium carries the registers as if the pieces were
+        debited one by one. All are signed before the write (as for one piece): a crash
+        before it leaves the registers as they were, a crash after it and before the
+        return loses the batch, whose debit and audit record show it; it never creates
+        postage. ``record`` and ``also_durable`` are as for `issue`, for the whole batch.
+        """
+        self._require_certified()
+        now = self.now()
+        current = self._registers.current
+        number = 0  # the piece being checked, for "piece N of the batch: ..."
+        try:
+            checked = []
+            for request in requests:
+                number += 1
+                checked.append(check_request(request, now, current))
+            number = 0
+            after, carried = current.debit_batch([r.postage for r in requests])
+            parts = []  # every field of every piece checked before anything is signed
+            for request, check, piece in zip(requests, checked, carried, strict=True):
+                number += 1
+                unsigned = unsigned_indicium(self._issuer, request, now, piece, check)
+                parts.append(unsigned.signed_part())
+        except (InvalidInput, IndiciumError) as exc:
+            if not number:
+                raise
+            raise InvalidInput(f"piece {number} of the batch: {exc}") from exc
+        # Signed back to back before the one write: the token's objects do not change in
+        # between, so each signature costs what a raw one does (see docs/device.md).
+        sign, label, algorithm = self.token.sign, SIGNING_KEY_LABEL, self.identity.algorithm
+        batch = SignedBatch(
+            tuple(part + sign(label, algorithm, part) for part in parts),
+            tuple(r.postage for r in requests),
+            carried[0].sequence,
+            after,
+        )
+        self._registers.commit(
+            after,
+            before_sync=(lambda: record(batch)) if record is not None else None,
+            also_durable=also_durable,
+        )
+        return batch
 
     def status(self) -> dict[str, object]:
         r = self._registers.current

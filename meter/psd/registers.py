@@ -17,11 +17,13 @@ the certificate objects is detected at the next open.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from meter.errors import InsufficientFunds, InvalidInput, RegisterCorrupt
 
-__all__ = ["NO_NONCE", "NO_ROOT", "RECORD_LENGTH", "Registers"]
+__all__ = ["NO_NONCE", "NO_ROOT", "RECORD_LENGTH", "PieceRegisters", "Registers"]
 
 _MAGIC = b"PREG"
 _VERSION = 2
@@ -36,6 +38,14 @@ NO_NONCE = bytes(16)
 NO_ROOT = bytes(32)
 _MAX_REGISTER = 2**40 - 1  # PIM-1 carries registers in 5 bytes
 _MAX_SEQUENCE = 2**32 - 1
+
+
+class PieceRegisters(NamedTuple):
+    """What one piece's indicium carries: its sequence and the registers once it is debited."""
+
+    sequence: int
+    ascending: int
+    descending: int
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,11 @@ class Registers:
                 f"{self.ascending} + descending {self.descending} != control total {self.control_total}"
             )
 
+    @property
+    def piece(self) -> PieceRegisters:
+        """The registers as the indicium of the piece last debited carries them."""
+        return PieceRegisters(self.sequence, self.ascending, self.descending)
+
     def debit(self, postage: int) -> Registers:
         """The registers after issuing one piece of ``postage`` mills (0 for a specimen)."""
         if postage < 0:
@@ -98,6 +113,54 @@ class Registers:
             descending=self.descending - postage,
             sequence=self.sequence + 1,
         )
+
+    def debit_batch(self, postages: Sequence[int]) -> tuple[Registers, list[PieceRegisters]]:
+        """The batch's ONE next generation, debiting every piece, and the registers after
+        each piece as if debited one by one (what each piece's indicium carries, so the
+        post office's chain holds piece by piece).
+
+        The whole batch is checked before any of it: the total against the descending
+        register, the piece sequence and the ascending register against their limits.
+        """
+        count = len(postages)
+        if count == 0:
+            raise InvalidInput("a batch needs at least one piece")
+        negative = next((i for i, p in enumerate(postages, 1) if p < 0), None)
+        if negative is not None:
+            raise InvalidInput(
+                f"piece {negative} of the batch: postage must not be negative "
+                f"(got {postages[negative - 1]} mills)"
+            )
+        total = sum(postages)
+        if total > self.descending:
+            raise InsufficientFunds(
+                f"device {self.device_serial}: the batch of {count} pieces totals {total} mills, "
+                f"more than the descending register ({self.descending} mills); nothing was debited"
+            )
+        if self.sequence + count > _MAX_SEQUENCE:
+            raise InvalidInput(
+                f"device {self.device_serial}: a batch of {count} pieces would exhaust the "
+                "piece sequence"
+            )
+        if self.ascending + total > _MAX_REGISTER:
+            raise InvalidInput(f"device {self.device_serial}: ascending register would overflow")
+        pieces: list[PieceRegisters] = []
+        ascending, descending, sequence = self.ascending, self.descending, self.sequence
+        for postage in postages:
+            ascending, descending, sequence = (
+                ascending + postage,
+                descending - postage,
+                sequence + 1,
+            )
+            pieces.append(PieceRegisters(sequence, ascending, descending))
+        after = replace(
+            self,
+            generation=self.generation + 1,
+            ascending=ascending,
+            descending=descending,
+            sequence=sequence,
+        )
+        return after, pieces
 
     def with_nonce(self, nonce: bytes) -> Registers:
         """Record an outstanding credit request's nonce (one at a time)."""

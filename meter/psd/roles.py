@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["AUDIT_LOG_SERVICES", "MATRIX", "TABLE_2", "Role", "Service", "allowed", "roles_for"]
+__all__ = [
+    "AUDIT_LOG_SERVICES",
+    "ISSUING_SERVICES",
+    "MATRIX",
+    "TABLE_2",
+    "Role",
+    "Service",
+    "allowed",
+    "roles_for",
+]
 
 
 class Role(StrEnum):
@@ -70,6 +79,8 @@ class Service(StrEnum):
     SAVE_AUDIT_LOG = "save-audit-log"
     ARCHIVE_AUDIT_LOG = "archive-audit-log"
     DELETE_AUDIT_RECORDS = "delete-audit-records"
+    # Create Indicium for many pieces in one durable debit (docs/device.md, "Batches").
+    CREATE_INDICIUM_BATCH = "create-indicium-batch"
 
     @property
     def display(self) -> str:
@@ -128,7 +139,13 @@ AUDIT_LOG_SERVICES: dict[Service, frozenset[Role]] = {
     Service.DELETE_AUDIT_RECORDS: frozenset({AU}),
 }
 
-MATRIX: dict[Service, frozenset[Role]] = {**TABLE_2, **AUDIT_LOG_SERVICES}
+# Services beyond Table 2 that do what one of its rows does, many times over: each is
+# allowed to exactly the roles of that row, so the table stays the one source.
+ISSUING_SERVICES: dict[Service, frozenset[Role]] = {
+    Service.CREATE_INDICIUM_BATCH: TABLE_2[Service.CREATE_INDICIUM],
+}
+
+MATRIX: dict[Service, frozenset[Role]] = {**TABLE_2, **AUDIT_LOG_SERVICES, **ISSUING_SERVICES}
 
 
 def allowed(role: Role, service: Service) -> bool:

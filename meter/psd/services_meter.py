@@ -4,8 +4,9 @@ No-Role reports (public key, device audit) and the Customer's PSD status."""
 
 from __future__ import annotations
 
+import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -14,8 +15,9 @@ from cryptography.hazmat.primitives import serialization
 
 from meter.errors import DeviceLocked, InvalidInput
 from meter.indicium import Indicium, key_id
+from meter.protocol.batch import require_pieces
 from meter.protocol.credit import CreditGrant, CreditRequest
-from meter.psd.device import IssueRequest
+from meter.psd.device import IssueRequest, Meter, SignedBatch
 from meter.psd.firmware_core import KEY_EXCHANGE_LABEL
 from meter.psd.registers import Registers
 from meter.psd.roles import Service
@@ -114,19 +116,52 @@ class MeterServices(StatusServices):
             corrected = replace(request, correction_of=original)
             return self._issue(Service.CREATE_CORRECTION_INDICIUM, corrected, out)
 
+    def create_indicium_batch(self, requests: Sequence[IssueRequest]) -> SignedBatch:
+        """Create Indicium for a batch of pieces: ONE durable register write debits them all,
+        then they are released together, with consecutive sequences (docs/device.md, Batches).
+
+        The Customer's service, with Create Indicium's checks; its one audit record names
+        the sequences, each piece's postage and a digest of the indicia released.
+        """
+        total = sum(r.postage for r in requests)
+        with self._service(
+            Service.CREATE_INDICIUM_BATCH, audit_ok=False, pieces=len(requests), postage=total
+        ) as out:
+            # A batch is Create Indicium N times over: refused in the same device states.
+            self._check_state(Service.CREATE_INDICIUM)
+            require_pieces(len(requests))
+            numbered = enumerate(requests, 1)
+            correction = next((n for n, r in numbered if r.correction_of is not None), None)
+            if correction is not None:
+                raise InvalidInput(
+                    f"piece {correction} of the batch: a correction is Create Correction "
+                    "Indicium, one piece at a time, not part of a batch"
+                )
+            meter = self._ready_to_issue()
+
+            def record(batch: SignedBatch) -> None:
+                _audit_batch(out, batch)
+                self._record_ok(Service.CREATE_INDICIUM_BATCH, out)
+
+            return meter.issue_batch(requests, record=record, also_durable=self._audit_sync)
+
     def _issue(self, service: Service, request: IssueRequest, out: dict[str, Any]) -> Indicium:
         """The debit, the signature and the audit record, all durable before the return."""
-        meter = self._require_meter()
-        if meter.state.customer is None:
-            raise DeviceLocked("no customer is authorized on this device (Authorize Customer)")
-        if not meter.state.signing_key_active:
-            raise DeviceLocked("the signing key is deactivated (Key Administration)")
+        meter = self._ready_to_issue()
 
         def record(indicium: Indicium) -> None:
             _audit_indicium(out, indicium)
             self._record_ok(service, out)
 
         return meter.issue(request, record=record, also_durable=self._audit_sync)
+
+    def _ready_to_issue(self) -> Meter:
+        meter = self._require_meter()
+        if meter.state.customer is None:
+            raise DeviceLocked("no customer is authorized on this device (Authorize Customer)")
+        if not meter.state.signing_key_active:
+            raise DeviceLocked("the signing key is deactivated (Key Administration)")
+        return meter
 
     def retrieve_psd_status(self) -> dict[str, Any]:
         """Retrieve PSD Status (Customer): registers, piece count, time."""
@@ -222,6 +257,21 @@ def _audit_indicium(out: dict[str, Any], indicium: Indicium) -> None:
         postage=indicium.postage,
         flags=indicium.flags,
         reference_sequence=indicium.reference_sequence,
+    )
+
+
+def _audit_batch(out: dict[str, Any], batch: SignedBatch) -> None:
+    """What the batch's one audit record keeps: enough to tell every piece's registers."""
+    digest = hashlib.sha256()
+    for encoded in batch.encoded:
+        digest.update(encoded)
+    out.update(
+        first_sequence=batch.first_sequence,
+        last_sequence=batch.last_sequence,
+        ascending=batch.registers.ascending,
+        descending=batch.registers.descending,
+        postages=list(batch.postages),
+        indicia_sha256=digest.hexdigest(),
     )
 
 
