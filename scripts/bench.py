@@ -230,7 +230,11 @@ def run_sections(sections: set[str], seconds: float) -> dict[str, Any]:
 
     report: dict[str, Any] = {}
     if "meter" in sections:
+        from bench_batch import bench_issue_batch, bench_labels_parallel
+
         report.update(bench_meter(seconds))
+        report.update(bench_issue_batch(seconds))
+        report.update(bench_labels_parallel(seconds))
     if "verify" in sections:
         report.update(bench_verify(seconds))
         report.update(bench_verify_images(seconds))
@@ -282,6 +286,23 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, float, str]]:
                 "No-Role Request Status through the socket",
                 report["status_no_role"]["per_s"],
                 f"{report['status_no_role']['round_trip_ms']:.2f} ms a round trip",
+            ),
+        ]
+    if "issue_batch" in report:
+        ib, lp = report["issue_batch"], report["labels_parallel"]
+        rows += [
+            (
+                f"batch issue through the socket, {ib['batch']} a request",
+                ib["per_s"],
+                f"{ib['ratio_to_raw_sign']:.2f} x raw sign {ib['raw_sign_per_s']:,.0f}/s "
+                "(target 0.5)",
+            ),
+            (
+                f"labels into one PDF, {lp['cores']} cores",
+                lp["per_s"],
+                f"{lp['ratio_to_raw_single_core']:.2f} x one label on one core "
+                f"{lp['raw_single_core_per_s']:,.0f}/s (target 1.6); "
+                f"{lp['ratio_to_single_process']:.2f} x one process",
             ),
         ]
     if "verify_bytes" in report:
