@@ -189,3 +189,16 @@ def test_every_cell_of_the_matrix_across_the_socket(running: Home, tmp_path: Pat
     assert cells == len(ROLE_ORDER) * len(ORDER)
     # The allowed cells that fail, and why: each for a reason of the device's state, not access.
     assert sorted(other_failures) == sorted(EXPECTED_OTHER_FAILURES), other_failures
+
+
+def test_the_policy_table_says_where_each_service_beyond_table_2_comes_from() -> None:
+    from meter.cli.device_cli import _policy_text, policy_matrix
+
+    matrix = policy_matrix()
+    sources = {entry["service"]: entry["source"] for entry in matrix["services"]}
+    assert sources["create-indicium"] == "table-2"
+    assert sources["create-indicium-batch"] == "batch"
+    assert sources["view-audit-log"] == "section-4"
+    lines = {line.split("  ")[0]: line for line in _policy_text(matrix).splitlines()}
+    batch = next(line for title, line in lines.items() if "batch" in title.lower())
+    assert batch.endswith("(Create Indicium, many at once)") and "section 4" not in batch

@@ -25,7 +25,7 @@ from meter.cli.home import password_from_env
 from meter.durable import write_atomically
 from meter.errors import ConfigurationError, InvalidInput
 from meter.host import DeviceClient
-from meter.psd.roles import MATRIX, TABLE_2, Role, allowed
+from meter.psd.roles import ISSUING_SERVICES, MATRIX, TABLE_2, Role, Service, allowed
 
 __all__ = ["policy_matrix", "register"]
 
@@ -41,6 +41,7 @@ def policy_matrix() -> dict[str, Any]:
                 "service": s.value,
                 "title": s.display,
                 "table_2": s in TABLE_2,
+                "source": _source(s),
                 "allowed": {r.value: allowed(r, s) for r in Role},
             }
             for s in MATRIX
@@ -54,11 +55,24 @@ def _policy_text(matrix: dict[str, Any]) -> str:
     rows = [head]
     for entry in matrix["services"]:
         marks = " ".join(("X" if entry["allowed"][r.value] else ".").center(2) for r in roles)
-        note = "" if entry["table_2"] else "  (section 4, Auditor)"
+        note = _NOTES.get(entry["source"], "")
         rows.append(entry["title"].ljust(30) + marks + note)
     rows.append("")
     rows.append("  ".join(f"{_ABBREVIATIONS[r]}={r.display}" for r in roles))
     return "\n".join(rows)
+
+
+_NOTES = {
+    "section-4": "  (section 4, Auditor)",
+    "batch": "  (Create Indicium, many at once)",
+}
+
+
+def _source(service: Service) -> str:
+    """Where the policy gives a service: a Table 2 row, section 4, or a row's batch form."""
+    if service in TABLE_2:
+        return "table-2"
+    return "batch" if service in ISSUING_SERVICES else "section-4"
 
 
 _ABBREVIATIONS = {
