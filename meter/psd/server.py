@@ -17,25 +17,39 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from datetime import date, datetime
 from typing import Any, TypeVar, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meter import errors
 from meter.errors import InvalidInput, MeterError, ProtocolError
-from meter.indicium import Indicium, RateCategory
-from meter.protocol.batch import MAX_BATCH_PIECES, MAX_BATCH_REQUEST_BYTES
+from meter.indicium import Indicium
+from meter.protocol.batch import MAX_BATCH_REQUEST_BYTES
 from meter.protocol.credit import CreditGrant
-from meter.psd.device import IssueRequest, SignedBatch
+from meter.psd.device import SignedBatch
 from meter.psd.firmware import PSD
 from meter.psd.host_session import Credential, Peer
-from meter.psd.roles import Role
+from meter.psd.server_bodies import (
+    AuthorizationBody,
+    BatchBody,
+    Body,
+    CertificatesBody,
+    ClockBody,
+    CustomerBody,
+    GrantBody,
+    IssueBody,
+    KeyAdministrationBody,
+    LogonBody,
+    ModifyUserBody,
+    PasswordBody,
+    UserBody,
+    VersionBody,
+)
 
 __all__ = [
     "BATCH_PATH",
@@ -95,114 +109,6 @@ class FirmwareThread:
     async def reap(self) -> None:
         """End a session whose client has gone or whose idle time ran out."""
         self.psd.reap()
-
-
-# -- request bodies -------------------------------------------------------------------
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class LogonBody(_Body):
-    user_id: str = Field(max_length=64)
-    password: str = Field(max_length=1024)
-
-
-class UserBody(_Body):
-    user_id: str = Field(max_length=64)
-    role: Role
-    password: str = Field(max_length=1024)
-
-
-class ModifyUserBody(_Body):
-    role: Role
-    password: str = Field(max_length=1024)
-
-
-class PasswordBody(_Body):
-    old_password: str = Field(max_length=1024)
-    new_password: str = Field(max_length=1024)
-
-
-class KeyAdministrationBody(_Body):
-    action: str = Field(default="list", max_length=64)
-
-
-class AuthorizationBody(_Body):
-    authorize: StrictBool = True
-
-
-class VersionBody(_Body):
-    version: str = Field(max_length=32)
-
-
-class ClockBody(_Body):
-    time: datetime
-
-
-class CertificatesBody(_Body):
-    meter_pem: str = Field(max_length=16384)
-    provider_pem: str = Field(max_length=16384)
-    root_pem: str = Field(max_length=16384)
-
-
-class CustomerBody(_Body):
-    customer: str = Field(max_length=64)
-
-
-class GrantBody(_Body):
-    grant_hex: str = Field(max_length=1024)
-
-
-class IssueBody(_Body):
-    # Strict: JSON true or "550" must not become a postage (pydantic's lax mode would
-    # take them for 1 and 550 mills and a piece would be issued).
-    postage: StrictInt = Field(description="mills (1/10 cent)")
-    rate_category: str = Field(max_length=32, description="slug, e.g. first-class-letter")
-    origin_zip: str = Field(max_length=16)
-    destination_zip: str = Field(max_length=16)
-    destination_plus4: str = Field(default="0000", max_length=16)
-    delivery_point: str = Field(default="00", max_length=16)
-    address: list[str] = Field(max_length=16)
-    date_of_mailing: date | None = None
-    specimen: StrictBool = False
-    correction_of: StrictInt | None = None
-
-    def issue_request(self) -> IssueRequest:
-        if any(len(line) > 256 for line in self.address):
-            raise InvalidInput("an address line is longer than 256 characters")
-        return IssueRequest(
-            postage=self.postage,
-            rate_category=RateCategory.parse(self.rate_category),
-            origin_zip=self.origin_zip,
-            destination_zip=self.destination_zip,
-            destination_plus4=self.destination_plus4,
-            delivery_point=self.delivery_point,
-            address=list(self.address),
-            date_of_mailing=self.date_of_mailing,
-            specimen=self.specimen,
-            correction_of=self.correction_of,
-        )
-
-
-class BatchBody(_Body):
-    pieces: list[IssueBody] = Field(
-        max_length=MAX_BATCH_PIECES,
-        description=f"1 to {MAX_BATCH_PIECES} Create Indicium requests (no correction_of)",
-    )
-
-    def issue_requests(self) -> list[IssueRequest]:
-        requests = []
-        for number, piece in enumerate(self.pieces, 1):
-            try:
-                requests.append(piece.issue_request())
-            except InvalidInput as exc:
-                raise InvalidInput(f"piece {number} of the batch: {exc}") from exc
-        return requests
-
-
-# -- the app -----------------------------------------------------------------------
 
 
 def create_device_app(firmware: FirmwareThread) -> FastAPI:
@@ -471,7 +377,7 @@ class _IssueFastPath:
     def __init__(self, app: ASGIApp, firmware: FirmwareThread, limit: int) -> None:
         self._app = app
         self._firmware = firmware
-        self._routes: dict[str, tuple[type[_Body], _Handler, int]] = {
+        self._routes: dict[str, tuple[type[Body], _Handler, int]] = {
             "/v1/indicia": (IssueBody, _issue, limit),
             BATCH_PATH: (BatchBody, _issue_batch, MAX_BATCH_REQUEST_BYTES),
         }

@@ -1,0 +1,119 @@
+"""The device API's request bodies: strict, so that a JSON true is never postage and an
+unknown field is an error, not ignored. The routes are in server.py."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+from meter.errors import InvalidInput
+from meter.indicium import RateCategory
+from meter.protocol.batch import MAX_BATCH_PIECES
+from meter.psd.device import IssueRequest
+from meter.psd.roles import Role
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LogonBody(Body):
+    user_id: str = Field(max_length=64)
+    password: str = Field(max_length=1024)
+
+
+class UserBody(Body):
+    user_id: str = Field(max_length=64)
+    role: Role
+    password: str = Field(max_length=1024)
+
+
+class ModifyUserBody(Body):
+    role: Role
+    password: str = Field(max_length=1024)
+
+
+class PasswordBody(Body):
+    old_password: str = Field(max_length=1024)
+    new_password: str = Field(max_length=1024)
+
+
+class KeyAdministrationBody(Body):
+    action: str = Field(default="list", max_length=64)
+
+
+class AuthorizationBody(Body):
+    authorize: StrictBool = True
+
+
+class VersionBody(Body):
+    version: str = Field(max_length=32)
+
+
+class ClockBody(Body):
+    time: datetime
+
+
+class CertificatesBody(Body):
+    meter_pem: str = Field(max_length=16384)
+    provider_pem: str = Field(max_length=16384)
+    root_pem: str = Field(max_length=16384)
+
+
+class CustomerBody(Body):
+    customer: str = Field(max_length=64)
+
+
+class GrantBody(Body):
+    grant_hex: str = Field(max_length=1024)
+
+
+class IssueBody(Body):
+    # Strict: JSON true or "550" must not become a postage (pydantic's lax mode would
+    # take them for 1 and 550 mills and a piece would be issued).
+    postage: StrictInt = Field(description="mills (1/10 cent)")
+    rate_category: str = Field(max_length=32, description="slug, e.g. first-class-letter")
+    origin_zip: str = Field(max_length=16)
+    destination_zip: str = Field(max_length=16)
+    destination_plus4: str = Field(default="0000", max_length=16)
+    delivery_point: str = Field(default="00", max_length=16)
+    address: list[str] = Field(max_length=16)
+    date_of_mailing: date | None = None
+    specimen: StrictBool = False
+    correction_of: StrictInt | None = None
+
+    def issue_request(self) -> IssueRequest:
+        if any(len(line) > 256 for line in self.address):
+            raise InvalidInput("an address line is longer than 256 characters")
+        return IssueRequest(
+            postage=self.postage,
+            rate_category=RateCategory.parse(self.rate_category),
+            origin_zip=self.origin_zip,
+            destination_zip=self.destination_zip,
+            destination_plus4=self.destination_plus4,
+            delivery_point=self.delivery_point,
+            address=list(self.address),
+            date_of_mailing=self.date_of_mailing,
+            specimen=self.specimen,
+            correction_of=self.correction_of,
+        )
+
+
+class BatchBody(Body):
+    pieces: list[IssueBody] = Field(
+        max_length=MAX_BATCH_PIECES,
+        description=f"1 to {MAX_BATCH_PIECES} Create Indicium requests (no correction_of)",
+    )
+
+    def issue_requests(self) -> list[IssueRequest]:
+        requests = []
+        for number, piece in enumerate(self.pieces, 1):
+            try:
+                requests.append(piece.issue_request())
+            except InvalidInput as exc:
+                raise InvalidInput(f"piece {number} of the batch: {exc}") from exc
+        return requests
+
+
+# -- the app -----------------------------------------------------------------------
