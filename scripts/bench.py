@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import sys
 import tempfile
 import time
@@ -62,7 +63,7 @@ def bench_meter(seconds: float) -> dict[str, Any]:
         for var, user in (("METER_ADMIN_PASSWORD", "admin"), ("METER_SO_PASSWORD", "security")):
             os.environ.setdefault(var, workflows.development_password(user))
         home = Home.at(Path(tmp) / "home")
-        pins = provision.new_meter_pins()
+        pins = {"user_pin": secrets.token_urlsafe(16), "so_pin": secrets.token_urlsafe(16)}
         provision.init_home(
             home, provision.InitOptions(device_serial=123456789012), meter_pins=pins
         )

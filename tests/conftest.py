@@ -15,6 +15,7 @@ from meter.cli.home import PIN_VARIABLES, Home
 from meter.protocol.credit import CreditGrant, CreditRequest
 from meter.token import Token, load_profile
 from meter.token.profile import profiles_dir
+from tests._lab_pins import LAB_METER_PINS
 
 SOFTHSM_MODULE = load_profile().module
 TEST_PINS = {
@@ -83,6 +84,53 @@ def opencryptoki() -> dict[str, str]:
     return pins
 
 
+# The meter token's profiles the token tests run on (pytest parameter `meter_profile`).
+METER_PROFILES = ("softhsm2", "opencryptoki")
+
+
+@pytest.fixture(params=METER_PROFILES)
+def meter_profile(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def meter_home(meter_profile: str, home: Home, request: pytest.FixtureRequest) -> Iterator[Home]:
+    """``home`` whose meter token is on ``meter_profile`` (provider and root on SoftHSM2);
+    on openCryptoki the slot is emptied of meter objects before and after."""
+    if meter_profile == "softhsm2":
+        yield home
+        return
+    pins = request.getfixturevalue("opencryptoki")
+    path = profiles_dir() / f"{meter_profile}.toml"
+    wipe_meter_objects(path, pins["user_pin"])
+    LAB_METER_PINS[home.path] = pins
+    try:
+        yield Home.at(home.path, path)
+    finally:
+        LAB_METER_PINS.pop(home.path, None)
+        wipe_meter_objects(path, pins["user_pin"])
+
+
+@pytest.fixture
+def provisioned_on(meter_home: Home) -> Home:
+    """``provisioned``, with the meter token on each profile of METER_PROFILES."""
+    from meter.cli import provision
+
+    provision.init_home(
+        meter_home,
+        provision.InitOptions(device_serial=983973031309),
+        meter_pins=LAB_METER_PINS.get(meter_home.path, TEST_METER_PINS),
+    )
+    return meter_home
+
+
+@pytest.fixture
+def device_home_on(provisioned_on: Home) -> Home:
+    """``device_home``, with the meter token on each profile of METER_PROFILES."""
+    set_up(provisioned_on)
+    return provisioned_on
+
+
 # The first users' passwords; they meet the default policy.
 TEST_PASSWORDS = {"METER_ADMIN_PASSWORD": "Wheel-pass-0001", "METER_SO_PASSWORD": "Guard-pass-0002"}
 # scrypt at the policy's floor (2**14) keeps hundreds of test logons quick.
@@ -116,7 +164,44 @@ def provisioned(home: Home) -> Home:
 
 def open_meter_token(home: Home) -> Token:
     """The meter's token, logged in with the lab's PIN: for checking what the device did."""
-    return home.open_token("meter", TEST_METER_PINS["user_pin"])
+    return home.open_token("meter", LAB_METER_PINS.get(home.path, TEST_METER_PINS)["user_pin"])
+
+
+# What the meter makes on a token: keys by label, data objects by application. The tests
+# remove exactly these from the machine-wide openCryptoki token, before and after each test
+# (they are serialized: two meters on one token cannot be told apart, and the meter refuses
+# a token that carries one already). Re-initializing the slot is no way to empty it: on
+# openCryptoki 3.8.1 C_InitToken over an initialized soft token leaves an SO login that
+# fails (CKR_FUNCTION_FAILED) until the SO PIN is set again.
+METER_KEY_LABELS = ("indicium-signing", "register-mac", "audit-signing", "key-exchange")
+METER_APPLICATION_PREFIX = "meter."
+
+
+def wipe_meter_objects(profile_path: Path, user_pin: str) -> int:
+    """Destroy every meter object on the profile's slot token; how many there were."""
+    import pkcs11
+    from pkcs11 import Attribute, ObjectClass
+
+    from meter.token import load_module
+
+    profile = load_profile(profile_path)
+    module = load_module(profile.module)
+    assert profile.selection.slot is not None
+    token = module.token_in_slot(profile.selection.slot)
+    count = 0
+    with module.lock, token.open(rw=True, user_pin=user_pin) as session:
+        for obj in list(session.get_objects({Attribute.TOKEN: True})):
+            try:  # another program's object may refuse to show an attribute: not ours
+                label = str(obj[Attribute.LABEL])
+                mine = label in METER_KEY_LABELS
+                if obj[Attribute.CLASS] == ObjectClass.DATA:
+                    mine = str(obj[Attribute.APPLICATION]).startswith(METER_APPLICATION_PREFIX)
+            except pkcs11.PKCS11Error:
+                mine = False
+            if mine:
+                obj.destroy()
+                count += 1
+    return count
 
 
 # One user per role on a set-up device; passwords meet the default policy.

@@ -2,9 +2,13 @@
 
 The development postal root and provider get their own tokens (PINs from the
 environment or a prompt). The meter's token gets random PINs that nobody is
-shown: they are sealed into the slots of its first two users, an
-Administrator and a Security Officer, and live otherwise only in this
-process's memory until it ends. Keys are generated in the tokens. The
+shown, as long as the token takes (its C_GetTokenInfo range: 8 characters on
+openCryptoki's soft token, 32 on SoftHSM2): they are sealed into the slots of
+its first two users, an Administrator and a Security Officer, and live
+otherwise only in this process's memory until it ends. A token in a fixed
+slot that its administrator initialized already is opened with the PINs
+given in METER_TOKEN_SO_PIN / METER_TOKEN_USER_PIN (or a prompt), which are
+replaced by random ones (C_SetPIN) once the meter is provisioned. Keys are generated in the tokens. The
 provider then certifies the meter and the chain is installed, pinned by the
 register record. Afterwards only the device process opens the meter token.
 """
@@ -24,10 +28,21 @@ from meter.provider import PostalRoot, Provider
 from meter.psd import DeviceIdentity, Meter
 from meter.psd.device import Clock, system_clock
 from meter.psd.firmware import secrets_for
+from meter.psd.identity import IDENTITY_APPLICATION
 from meter.psd.passwords import PasswordPolicy
 from meter.psd.roles import Role
 from meter.psd.users import UserStore
-from meter.token import KeyAlgorithm, ensure_token
+from meter.token import KeyAlgorithm, Pkcs11Module, ensure_token
+from meter.token.profile import Selection
+from meter.token.slot_token import (
+    change_pins,
+    check_pin_length,
+    ensure_slot_token,
+    find_slot,
+    is_initialized,
+    new_pins,
+    pin_length_range,
+)
 
 __all__ = ["InitOptions", "export_certificates", "init_home", "new_device_serial"]
 
@@ -50,9 +65,17 @@ def new_device_serial() -> int:
     return 100_000_000_000 + secrets.randbelow(900_000_000_000)
 
 
-def new_meter_pins() -> dict[str, str]:
-    """Random PINs for a new meter token (192 bits each), never shown to anybody."""
-    return {name: secrets.token_urlsafe(24) for name in ("user_pin", "so_pin")}
+# The PINs an administrator initialized a slot's token with, replaced at provisioning.
+CURRENT_PIN_VARIABLES = ("METER_TOKEN_USER_PIN", "METER_TOKEN_SO_PIN")
+
+
+@dataclass(frozen=True)
+class _MeterToken:
+    created: bool
+    pins: dict[str, str]  # the PINs sealed into the users' slots
+    login: dict[str, str]  # the token's PINs during provisioning (``pins`` once it is done)
+    module: Pkcs11Module | None  # for a slot's token: where to change the PINs
+    slot_id: int | None
 
 
 def init_home(
@@ -75,7 +98,6 @@ def init_home(
             f"the meter in {home.path} is provisioned already; its PINs are sealed in the "
             "users' slots: start the device and log on (meter device serve, meter --user ID ...)"
         )
-    pins = meter_pins or new_meter_pins()
     store, first = first_users(home, options)  # passwords checked before anything is made
     created = {}
     for party in ("postal-root", "provider"):
@@ -83,11 +105,11 @@ def init_home(
         so_pin = pin_from_env(so_var, f"SO PIN of the {party} token")
         user_pin = pin_from_env(user_var, f"user PIN of the {party} token")
         created[party] = ensure_token(
-            home.profile, home.path, home.token_label(party), so_pin, user_pin
+            home.lab_profile, home.path, home.token_label(party), so_pin, user_pin
         )
-    created["meter"] = ensure_token(
-        home.profile, home.path, home.token_label("meter"), pins["so_pin"], pins["user_pin"]
-    )
+    meter_token = _meter_token(home, meter_pins)
+    created["meter"] = meter_token.created
+    pins, login = meter_token.pins, meter_token.login
     now = clock().astimezone(UTC).replace(microsecond=0)
     users = [
         store.create(uid, role, pw, secrets_for(role, pins), now).to_json()
@@ -108,7 +130,7 @@ def init_home(
                 provider.install_certificate(cert, root.certificate, now)
             else:
                 provider = Provider.open(ptoken, home.ledger)
-            with home.open_token("meter", pins["user_pin"]) as mtoken:
+            with home.open_token("meter", login["user_pin"]) as mtoken:
                 identity = DeviceIdentity(
                     device_serial=options.device_serial,
                     vendor_model=options.vendor_model,
@@ -122,12 +144,74 @@ def init_home(
                 )
                 meter.install_certificates(meter_cert, provider.certificate, root.certificate)
                 paths = export_certificates(home, meter)
-                return {
-                    "created": created,
-                    "meter": meter.status(),
-                    "certificates": paths,
-                    "users": users,
-                }
+                status = meter.status()
+    if login != pins and meter_token.module is not None and meter_token.slot_id is not None:
+        # Last: until now the administrator's PINs still open the token.
+        slot = find_slot(meter_token.module, slot=meter_token.slot_id, label=None)
+        change_pins(meter_token.module, slot, login, pins)
+    home.keep_profile()  # marks the home provisioned; later commands need no --profile
+    return {"created": created, "meter": status, "certificates": paths, "users": users}
+
+
+def _meter_token(home: Home, lab_pins: dict[str, str] | None) -> _MeterToken:
+    """Make or take the meter's token, refusing one that carries a meter already.
+
+    In the home's store: a new token, with random PINs (or the lab's). In a slot: an
+    uninitialized token is initialized with the profile's factory SO PIN and random
+    PINs; an initialized one is opened with the lab's PINs (kept) or the
+    administrator's (replaced at the end). Every PIN is checked against the token's range.
+    """
+    profile = home.profile
+    if home.meter_in_store:
+        pins = lab_pins or new_pins(profile.selection.pin_min, profile.selection.pin_max)
+        created = ensure_token(
+            profile, home.path, home.token_label("meter"), pins["so_pin"], pins["user_pin"]
+        )
+        return _MeterToken(created, pins, pins, None, None)
+    module = home.meter_module()
+    by_slot = profile.selection.kind is Selection.SLOT
+    slot = find_slot(
+        module,
+        slot=profile.selection.slot if by_slot else None,
+        label=None if by_slot else profile.labels.meter,
+    )
+    low, high = pin_length_range(module, slot)
+    where = f"the meter's token (slot {slot.slot_id} of {module.path}, HSM profile {profile.name})"
+    if not is_initialized(module, slot):
+        factory = profile.selection.factory_so_pin
+        if factory is None:
+            raise ConfigurationError(
+                f"{where} is not initialized, and the profile names no factory SO PIN: "
+                "initialize it with the vendor's tools first"
+            )
+        pins = lab_pins or new_pins(low, high)
+        ensure_slot_token(
+            module,
+            slot,
+            label=profile.labels.meter,
+            factory_so_pin=factory,
+            so_pin=pins["so_pin"],
+            user_pin=pins["user_pin"],
+        )
+        return _MeterToken(True, pins, pins, module, slot.slot_id)
+    if lab_pins is not None:
+        login = pins = lab_pins
+    else:
+        user_var, so_var = CURRENT_PIN_VARIABLES
+        login = {
+            "user_pin": pin_from_env(user_var, f"the user PIN {where} has now"),
+            "so_pin": pin_from_env(so_var, f"the SO PIN {where} has now"),
+        }
+        pins = new_pins(low, high)
+    for name, what in (("user_pin", "the user PIN"), ("so_pin", "the SO PIN")):
+        check_pin_length(module, slot, login[name], what)
+    with home.open_token("meter", login["user_pin"]) as token:
+        if token.data_objects(IDENTITY_APPLICATION):
+            raise ConfigurationError(
+                f"{where} carries a provisioned meter already (another home's?): one token, "
+                "one meter"
+            )
+    return _MeterToken(False, pins, login, module, slot.slot_id)
 
 
 def first_users(home: Home, options: InitOptions) -> tuple[UserStore, list[tuple[str, Role, str]]]:

@@ -19,11 +19,15 @@ Record (one JSON object; canonical JSON = ``sort_keys``, separators ``,`` and
   too, so an event cannot pass for a seal or the reverse;
 - a *seal* has user_id null, role ``no-role``, service ``audit-seal``, outcome
   ``ok`` and values ``{"through": N, "head": HEX32, "key_id": HEX8,
-  "signature": HEX64}``: N is the record before the seal, ``head`` its digest
-  (= the seal's ``prev``), ``signature`` the raw r||s ECDSA P-256 signature over
-  SHA-256 of ``b"meter-audit-seal-v1" || head || N as 8 bytes big-endian ||
-  the seal's own "at" in ASCII`` (so the seal record is covered entirely), and
-  ``key_id`` the first 8 bytes of SHA-256 of the audit key's SPKI DER.
+  "signature": HEX}``: N is the record before the seal, ``head`` its digest
+  (= the seal's ``prev``), ``signature`` the audit key's signature over
+  ``b"meter-audit-seal-v1" || head || N as 8 bytes big-endian || the seal's own
+  "at" in ASCII`` (so the seal record is covered entirely), and ``key_id`` the
+  first 8 bytes of SHA-256 of the audit key's SPKI DER. The audit key is ECDSA
+  P-256 where the token has EC (signature: raw r||s, 64 bytes, ECDSA over
+  SHA-256), else RSA-2048 (openCryptoki's soft token; signature: 256 bytes,
+  RSASSA-PSS with SHA-256, MGF1-SHA-256 and a 32-byte salt). The verifier
+  takes the algorithm from the public key it is given.
 
 Files under the log's folder (``HOME/meter/audit/``):
 
@@ -69,27 +73,32 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from meter.durable import sync_directory, write_atomically
 from meter.errors import ConfigurationError, InvalidInput
+from meter.token.profile import KeyAlgorithm
 
 __all__ = [
     "EXPORT_FORMAT",
     "SEAL_SERVICE",
     "AuditLog",
+    "AuditPublicKey",
     "AuditRecord",
     "Signer",
     "VerifyReport",
+    "audit_key_algorithm",
     "audit_key_id",
     "seal_message",
     "verify_export",
+    "verify_seal_signature",
 ]
 
 Signer = Callable[[bytes], bytes]
-"""Returns the raw r||s (64 bytes) ECDSA P-256 signature over SHA-256 of the message.
+"""Returns the audit key's signature of the message: raw r||s (64 bytes) for ECDSA P-256,
+256 bytes of RSASSA-PSS for RSA-2048 (see the module docstring).
 
 It is called while the log's lock is held: it must not write to the audit log itself.
 """
@@ -151,6 +160,35 @@ def _json_values(values: Mapping[str, object]) -> dict[str, object]:
 def seal_message(head: bytes, through: int, at_text: str) -> bytes:
     """What a seal's signature covers: the head digest, its index and the seal's time."""
     return _SEAL_DOMAIN + head + through.to_bytes(8, "big") + at_text.encode("ascii")
+
+
+# Signature length by audit key algorithm.
+_SIGNATURE_BYTES = {KeyAlgorithm.ECDSA_P256: 64, KeyAlgorithm.RSA_PSS_2048: 256}
+AuditPublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+
+def audit_key_algorithm(public_key: PublicKeyTypes) -> KeyAlgorithm:
+    """The algorithm of an audit key: ECDSA P-256 or RSA-PSS-2048; InvalidInput otherwise."""
+    if isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(
+        public_key.curve, ec.SECP256R1
+    ):
+        return KeyAlgorithm.ECDSA_P256
+    if isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size == 2048:
+        return KeyAlgorithm.RSA_PSS_2048
+    raise InvalidInput("the audit key is neither an ECDSA P-256 nor an RSA-2048 public key")
+
+
+def verify_seal_signature(public_key: AuditPublicKey, signature: bytes, message: bytes) -> None:
+    """Raise InvalidSignature unless ``signature`` is the audit key's over ``message``."""
+    algorithm = audit_key_algorithm(public_key)
+    if len(signature) != _SIGNATURE_BYTES[algorithm]:
+        raise InvalidSignature
+    if isinstance(public_key, rsa.RSAPublicKey):
+        pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+        public_key.verify(signature, message, pss, hashes.SHA256())
+        return
+    r, s = int.from_bytes(signature[:32]), int.from_bytes(signature[32:])
+    public_key.verify(encode_dss_signature(r, s), message, ec.ECDSA(hashes.SHA256()))
 
 
 def audit_key_id(public_key: PublicKeyTypes) -> bytes:
@@ -609,8 +647,11 @@ class AuditLog:
             return None
         through, head = self._state.head
         signature = signer(seal_message(head, through, at_text))
-        if len(signature) != 64:
-            raise InvalidInput(f"audit signer returned {len(signature)} bytes, expected r||s of 64")
+        if len(signature) not in _SIGNATURE_BYTES.values():
+            raise InvalidInput(
+                f"audit signer returned {len(signature)} bytes, expected an ECDSA r||s of 64 "
+                "or an RSA-2048 signature of 256"
+            )
         values: dict[str, object] = {
             "through": through,
             "head": head.hex(),
@@ -699,7 +740,7 @@ class _Broken(Exception):
 def verify_export(paths: Sequence[Path], public_key_pem: bytes) -> VerifyReport:
     """Check exported or archive files, in order, with the public audit key alone.
 
-    InvalidInput for a missing file or a key that is not an ECDSA P-256 public key;
+    InvalidInput for a missing file or a key that is neither ECDSA P-256 nor RSA-2048;
     everything else that is wrong with the files is a report with ok=False.
     """
     if not paths:
@@ -708,8 +749,8 @@ def verify_export(paths: Sequence[Path], public_key_pem: bytes) -> VerifyReport:
         key = serialization.load_pem_public_key(public_key_pem)
     except (ValueError, TypeError) as exc:
         raise InvalidInput(f"the audit key is not a PEM public key: {exc}") from exc
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise InvalidInput("the audit key is not an ECDSA P-256 public key")
+    audit_key_algorithm(key)  # InvalidInput for any other kind of key
+    assert isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey)
     documents = [_read_document(Path(p)) for p in paths]
     checker = _Checker(key)
     try:
@@ -736,7 +777,7 @@ def _read_document(path: Path) -> object:
 class _Checker:
     """Walks the chain across files; raises _Broken at the first fault."""
 
-    def __init__(self, key: ec.EllipticCurvePublicKey) -> None:
+    def __init__(self, key: AuditPublicKey) -> None:
         self.key = key
         self.key_id = audit_key_id(key)
         self.known: dict[int, bytes] = {}  # digests checked so far, by index
@@ -833,10 +874,7 @@ class _Checker:
             raise _Broken(index, f"seal at record {index} does not seal the record before it")
         message = seal_message(record.prev, index - 1, record.at_text)
         try:
-            if len(signature) != 64:
-                raise InvalidSignature
-            r, s = int.from_bytes(signature[:32]), int.from_bytes(signature[32:])
-            self.key.verify(encode_dss_signature(r, s), message, ec.ECDSA(hashes.SHA256()))
+            verify_seal_signature(self.key, signature, message)
         except InvalidSignature:
             which = "" if key_id == self.key_id else f" (it names audit key {key_id.hex()}"
             which += f", not the given key {self.key_id.hex()})" if which else ""

@@ -38,7 +38,7 @@ from meter.errors import (
     MeterError,
     SessionActive,
 )
-from meter.psd.audit import AuditLog, AuditRecord, audit_key_id
+from meter.psd.audit import AuditLog, AuditRecord, audit_key_algorithm, audit_key_id
 from meter.psd.device import SIGNING_KEY_LABEL, Meter
 from meter.psd.device_state import DeviceState
 from meter.psd.host_session import Credential, HostBinding, Link, Peer
@@ -533,9 +533,11 @@ class FirmwareCore:
             return None
         spki = self.token.public_key_spki(AUDIT_KEY_LABEL)
         public = serialization.load_der_public_key(spki)
+        # The key's own type decides (Create Audit Key chose it from the token's capabilities).
+        algorithm = audit_key_algorithm(public)
 
         def sign(message: bytes) -> bytes:
-            return self.token.sign(AUDIT_KEY_LABEL, KeyAlgorithm.ECDSA_P256, message)
+            return self.token.sign(AUDIT_KEY_LABEL, algorithm, message)
 
         return sign, audit_key_id(public)
 

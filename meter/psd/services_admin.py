@@ -14,7 +14,6 @@ from meter.psd.audit import AuditRecord, audit_key_id
 from meter.psd.firmware_core import AUDIT_KEY_LABEL
 from meter.psd.roles import Role, Service
 from meter.psd.services_status import StatusServices
-from meter.token import KeyAlgorithm
 
 __all__ = ["AdminServices", "secrets_for"]
 
@@ -127,12 +126,15 @@ class AdminServices(StatusServices):
 
     def create_audit_key(self) -> dict[str, Any]:
         with self._service(Service.CREATE_AUDIT_KEY) as out:
-            spki = self.token.generate_signing_keypair(AUDIT_KEY_LABEL, KeyAlgorithm.ECDSA_P256)
+            # ECDSA P-256 where the token has EC, else RSA-PSS-2048 (openCryptoki's soft token).
+            algorithm = self.token.audit_algorithm()
+            spki = self.token.generate_signing_keypair(AUDIT_KEY_LABEL, algorithm)
             self.token.make_durable()
             public = serialization.load_der_public_key(spki)
             out["key_id"] = audit_key_id(public).hex()
+            out["algorithm"] = algorithm.value
         self._seal()
-        return {"key_id": out["key_id"]}
+        return {"key_id": out["key_id"], "algorithm": out["algorithm"]}
 
     def update_psc(self, version: str) -> dict[str, Any]:
         """Record a new firmware version (newer only); signed packages belong to a later issue."""

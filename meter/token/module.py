@@ -68,6 +68,14 @@ class Pkcs11Module:
         with self.lock:
             return any(True for _ in self.lib.get_tokens(token_label=label))
 
+    def token_in_slot(self, slot: int) -> pkcs11.Token:
+        """The token in slot number ``slot`` (openCryptoki's soft token: 3)."""
+        with self.lock, translated(f"slot {slot} of module {self.path}", "find token"):
+            for candidate in self.lib.get_slots(token_present=True):
+                if candidate.slot_id == slot:
+                    return candidate.get_token()
+        raise ConfigurationError(f"module {self.path}: no token in slot {slot}")
+
     def get_token(self, label: str) -> pkcs11.Token:
         with self.lock, translated(f"token '{label}' in module {self.path}", "find token"):
             return self.lib.get_token(token_label=label)

@@ -18,10 +18,10 @@ from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 from pkcs11.util.rsa import encode_rsa_public_key
 
-from meter.errors import AccessDenied, TokenError, TokenUnavailable
+from meter.errors import AccessDenied, ConfigurationError, TokenError, TokenUnavailable
 from meter.token._errors import translated
 from meter.token.module import Pkcs11Module
-from meter.token.profile import KeyAlgorithm
+from meter.token.profile import CAPABILITIES, KeyAlgorithm
 
 __all__ = ["DataObject", "KeyKind", "Login", "Token"]
 
@@ -96,6 +96,7 @@ class Token:
         sync_dir: Path | None,
         login: Login | None = "user",
         capabilities: frozenset[str] | None = None,
+        profile_name: str | None = None,
     ) -> None:
         self._module = module
         self.label = label
@@ -112,6 +113,7 @@ class Token:
         # What the HSM profile claims this token can do (None: not known, assume all);
         # the self-tests run only what is claimed.
         self.capabilities = capabilities
+        self.profile_name = profile_name  # named by every "this token cannot" message
 
     # -- lifetime ---------------------------------------------------------
 
@@ -126,17 +128,22 @@ class Token:
         so: bool = False,
         sync_dir: Path | None = None,
         capabilities: frozenset[str] | None = None,
+        slot: int | None = None,
+        lock_name: str | None = None,
+        profile_name: str | None = None,
     ) -> Token:
-        """Open the token labelled ``label``, taking its process lock.
+        """Open the token labelled ``label`` (or the token in ``slot``), taking its lock.
 
         With a PIN, log in as user (or SO); with ``pin=None``, open a public
         session: public objects are readable and session objects can be made,
-        and :meth:`login` can follow once a PIN is known.
+        and :meth:`login` can follow once a PIN is known. ``label`` then only
+        names the token in messages. ``lock_name`` is the lock file's name in
+        ``lock_dir`` (default ``token-LABEL.lock``).
         """
         if pin is None and so:
             raise TokenError(f"token '{label}' in module {module.path}: an SO session needs a PIN")
         lock_dir.mkdir(parents=True, exist_ok=True)
-        lock_path = lock_dir / f"token-{label}.lock"
+        lock_path = lock_dir / (lock_name or f"token-{label}.lock")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -147,7 +154,7 @@ class Token:
                 f"(lock {lock_path})"
             ) from exc
         try:
-            token = module.get_token(label)
+            token = module.get_token(label) if slot is None else module.token_in_slot(slot)
             where = f"token '{label}' in module {module.path}"
             with module.lock, translated(where, _login_what(so, pin)):
                 if pin is None:
@@ -162,7 +169,7 @@ class Token:
             os.close(fd)
             raise
         login: Login | None = None if pin is None else "so" if so else "user"
-        return cls(module, label, token, session, fd, sync_dir, login, capabilities)
+        return cls(module, label, token, session, fd, sync_dir, login, capabilities, profile_name)
 
     @property
     def login_state(self) -> Login | None:
@@ -252,6 +259,36 @@ class Token:
             what = "no" if not found else f"{len(found)}"
             raise TokenError(f"{self.where}: {what} private {object_class.name} '{label}'")
         return found[0]
+
+    def can(self, capability: str) -> bool:
+        """Does the token's HSM profile claim ``capability``? (No profile known: assume so.)"""
+        if capability not in CAPABILITIES:
+            raise ValueError(f"unknown capability {capability!r}")
+        return self.capabilities is None or capability in self.capabilities
+
+    def require(self, capability: str, purpose: str) -> None:
+        """Refuse ``purpose``, before anything changes, on a token whose profile lacks it."""
+        if not self.can(capability):
+            profile = f"HSM profile {self.profile_name}" if self.profile_name else "its HSM profile"
+            raise ConfigurationError(
+                f"{self.where}: {purpose} needs capability {capability} "
+                f"({CAPABILITIES[capability]}), which {profile} does not have"
+            )
+
+    def audit_algorithm(self) -> KeyAlgorithm:
+        """The audit key's algorithm on this token: ECDSA P-256 where it can, else RSA-PSS-2048.
+
+        ``meter audit verify`` accepts both (meter/psd/audit.py).
+        """
+        if self.can("raw_ecdsa"):
+            return KeyAlgorithm.ECDSA_P256
+        if self.can("rsa_pss"):
+            return KeyAlgorithm.RSA_PSS_2048
+        profile = f"HSM profile {self.profile_name}" if self.profile_name else "its HSM profile"
+        raise ConfigurationError(
+            f"{self.where}: the audit key needs capability raw_ecdsa or rsa_pss, "
+            f"which {profile} does not have"
+        )
 
     @property
     def serial(self) -> str:
@@ -368,7 +405,12 @@ class Token:
             )
 
     def generate_key_exchange_keypair(self, label: str) -> bytes:
-        """An ECDH P-256 key pair for key agreement (CKA_DERIVE), private half non-extractable."""
+        """An ECDH P-256 key pair for key agreement (CKA_DERIVE), private half non-extractable.
+
+        Refused with a ConfigurationError naming ``ecdh_derive`` and the profile on a
+        token without it (openCryptoki 3.8's soft token has no EC at all).
+        """
+        self.require("ecdh_derive", "Key Exchange (the custodians' ECDH P-256 key)")
         return self._generate_keypair(label, KeyAlgorithm.ECDSA_P256, derive=True)
 
     def generate_hmac_key(self, label: str) -> None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
+import string
 import sys
 
 import pkcs11
@@ -25,7 +27,21 @@ from meter.errors import ConfigurationError, MeterError, TokenError
 from meter.token._errors import translated
 from meter.token.module import Pkcs11Module, load_module
 
-__all__ = ["check_pin_length", "ensure_slot_token", "find_slot", "pin_length_range"]
+__all__ = [
+    "change_pins",
+    "check_pin_length",
+    "ensure_slot_token",
+    "find_slot",
+    "is_initialized",
+    "new_pins",
+    "pin_length_range",
+]
+
+# The characters of a generated PIN: letters, digits, "-" and "_" (6 bits each), which every
+# token tested here accepts (PKCS#11 only promises printable ASCII is allowed).
+_PIN_ALPHABET = string.ascii_letters + string.digits + "-_"
+# Longer PINs add nothing to 192 bits (a token that takes 255 gets 32 characters).
+_PIN_MAX_GENERATED = 32
 
 
 def find_slot(module: Pkcs11Module, *, slot: int | None, label: str | None) -> pkcs11.Slot:
@@ -96,6 +112,54 @@ def check_pin_length(module: Pkcs11Module, slot: pkcs11.Slot, pin: str, what: st
             f"module {module.path}, slot {slot.slot_id}: {what} has {len(pin.encode())} "
             f"characters; this token takes {low} to {high}"
         )
+
+
+def new_pins(low: int, high: int) -> dict[str, str]:
+    """Random user and SO PINs as long as the token takes (at most 32 characters, 192 bits).
+
+    openCryptoki's soft token takes 4 to 8: 8 characters, 48 bits each. That is no
+    defence against an offline search of the token's own files, only against guessing
+    through the token, which locks a PIN after 3 wrong ones (docs/security-policy.md).
+    """
+    length = min(high, _PIN_MAX_GENERATED)
+    if length < low:
+        raise ConfigurationError(f"a token that takes PINs of {low} to {high} characters")
+    return {
+        name: "".join(secrets.choice(_PIN_ALPHABET) for _ in range(length))
+        for name in ("user_pin", "so_pin")
+    }
+
+
+def is_initialized(module: Pkcs11Module, slot: pkcs11.Slot) -> bool:
+    where = f"module {module.path}, slot {slot.slot_id}"
+    with module.lock, translated(where, "read token flags"):
+        return bool(slot.get_token().flags & TokenFlag.TOKEN_INITIALIZED)
+
+
+def change_pins(
+    module: Pkcs11Module, slot: pkcs11.Slot, old: dict[str, str], new: dict[str, str]
+) -> None:
+    """C_SetPIN for the user, then for the SO: the token's PINs become ``new``.
+
+    No session of this process may be logged in meanwhile (PKCS#11 login state is
+    the application's): the caller closes its token first.
+    """
+    for pin, what in ((new["so_pin"], "the new SO PIN"), (new["user_pin"], "the new user PIN")):
+        check_pin_length(module, slot, pin, what)
+    where = f"module {module.path}, slot {slot.slot_id}"
+    token = slot.get_token()
+    with (
+        module.lock,
+        translated(where, "change the user PIN"),
+        token.open(rw=True, user_pin=old["user_pin"]) as session,
+    ):
+        session.set_pin(old["user_pin"], new["user_pin"])
+    with (
+        module.lock,
+        translated(where, "change the SO PIN"),
+        token.open(rw=True, so_pin=old["so_pin"]) as session,
+    ):
+        session.set_pin(old["so_pin"], new["so_pin"])
 
 
 def ensure_slot_token(
