@@ -36,7 +36,7 @@ def verify(ctx: click.Context, files: tuple[Path, ...], key_path: Path) -> None:
 
     Prints "OK: N records, signed through record M", or "BROKEN at record K:
     reason" and exits with status 2. Errors (a missing file, a key that is not
-    an ECDSA P-256 public key) exit with status 1.
+    an ECDSA P-256 or RSA-2048 public key) exit with status 1.
     """
     with errors(ctx):
         try:
