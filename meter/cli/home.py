@@ -95,12 +95,15 @@ class Home:
         """The home at ``path``; its meter token's profile is ``profile_path``, else the copy
         provisioning kept in the home, else the default (SoftHSM2)."""
         path = path.expanduser().resolve()
+        # Unreadable is a client account's view of a device's home (0600, the device's):
+        # such a client only talks to the socket and never opens a token itself.
         copy = path / PROFILE_COPY
-        if profile_path is None and copy.exists():
+        kept = copy.read_bytes() if os.access(copy, os.R_OK) else None
+        if profile_path is None and kept is not None:
             profile_path = copy
-        elif profile_path is not None and copy.exists():
+        elif profile_path is not None and kept is not None:
             given = profile_path.read_bytes() if profile_path.exists() else b""
-            if given != copy.read_bytes():
+            if given != kept:
                 raise ConfigurationError(
                     f"{path}'s meter token was provisioned with the HSM profile copied to "
                     f"{copy}, and {profile_path} differs from it: leave out --profile"
@@ -217,11 +220,14 @@ class Home:
         Only the device process (and provisioning) opens it; it takes the token's lock.
         """
         self._require_home()
+        # The file guard runs on the first load of the module: here, so that a token file
+        # it puts back is reported to the caller (who audits it), not only on stderr.
+        self.meter_module(restored)
         if not self.token_exists("meter"):
             raise ConfigurationError(
                 f"{self.path} has no meter token: provision it with `meter --home {self.path} init`"
             )
-        token = self._open_meter(None, restored)
+        token = self._open_meter(None)
         self.keep_token_copy("meter")
         return token
 
