@@ -83,12 +83,18 @@ class ReplayStoreError(MeterError):
     """The replay store is unreachable, corrupt or truncated: never report VALID."""
 
 
+class CustodyError(MeterError):
+    """A key custodian's share cannot be split, stored, read or combined as asked: the
+    message names the share and the rule (checksum, another set, too few shares, ...)."""
+
+
 __all__ = [
     "AccessDenied",
     "AuthenticationFailed",
     "BarcodeError",
     "CertificateError",
     "ConfigurationError",
+    "CustodyError",
     "DeviceLocked",
     "DeviceNotRunning",
     "IndiciumError",
