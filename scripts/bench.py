@@ -49,6 +49,25 @@ def rate(fn: Callable[[], int], seconds: float) -> float:
             return done / elapsed
 
 
+def lab_home(folder: Path, device_serial: int) -> tuple[Home, dict[str, str], dict[str, str]]:
+    """A provisioned home in ``folder``: (home, the meter token's PINs, every demo user's
+    password). The bench chooses the PINs, in memory only, as a lab would, so that it can
+    open the meter token itself for the raw rates of the very same token."""
+    for pair in PIN_VARIABLES.values():
+        for var in pair:
+            os.environ.setdefault(var, f"bench-{var.lower()}")
+    for var, user in (("METER_ADMIN_PASSWORD", "admin"), ("METER_SO_PASSWORD", "security")):
+        os.environ.setdefault(var, workflows.development_password(user))
+    home = Home.at(folder / "home")
+    pins = {"user_pin": secrets.token_urlsafe(16), "so_pin": secrets.token_urlsafe(16)}
+    provision.init_home(home, provision.InitOptions(device_serial=device_serial), meter_pins=pins)
+    passwords = {
+        "admin": os.environ["METER_ADMIN_PASSWORD"],
+        "security": os.environ["METER_SO_PASSWORD"],
+    } | {user: workflows.development_password(user) for user, _ in workflows.DEMO_USERS}
+    return home, pins, passwords
+
+
 def bench_meter(seconds: float) -> dict[str, Any]:
     """Single-piece issuing through the device's socket, next to the same token's raw rates.
 
@@ -57,21 +76,8 @@ def bench_meter(seconds: float) -> dict[str, Any]:
     raw create+destroy and sign rates of the very same token.
     """
     with tempfile.TemporaryDirectory(prefix="meter-bench-") as tmp:
-        for pair in PIN_VARIABLES.values():
-            for var in pair:
-                os.environ.setdefault(var, f"bench-{var.lower()}")
-        for var, user in (("METER_ADMIN_PASSWORD", "admin"), ("METER_SO_PASSWORD", "security")):
-            os.environ.setdefault(var, workflows.development_password(user))
-        home = Home.at(Path(tmp) / "home")
-        pins = {"user_pin": secrets.token_urlsafe(16), "so_pin": secrets.token_urlsafe(16)}
-        provision.init_home(
-            home, provision.InitOptions(device_serial=123456789012), meter_pins=pins
-        )
+        home, pins, passwords = lab_home(Path(tmp), device_serial=123456789012)
         raw_before = raw_token_rates(home, pins["user_pin"], seconds)
-        passwords = {
-            "admin": os.environ["METER_ADMIN_PASSWORD"],
-            "security": os.environ["METER_SO_PASSWORD"],
-        } | {user: workflows.development_password(user) for user, _ in workflows.DEMO_USERS}
         req = IssueRequest(
             postage=730,
             rate_category=RateCategory.FIRST_CLASS_LETTER,

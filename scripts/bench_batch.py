@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import sys
 import tempfile
 import time
@@ -26,9 +25,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from meter.cli import provision, workflows
+from meter.cli import workflows
 from meter.cli.device_process import running_device
-from meter.cli.home import PIN_VARIABLES, Home
+from meter.cli.home import Home
 from meter.host import DeviceClient
 from meter.indicium import RateCategory
 from meter.label import LabelInfo
@@ -62,23 +61,11 @@ def _raw_sign(home: Home, pin: str, seconds: float) -> float:
 
 def bench_issue_batch(seconds: float) -> dict[str, Any]:
     """Device batches of 1,000 through the socket, next to the same token's raw sign rate."""
+    from bench import lab_home
+
     with tempfile.TemporaryDirectory(prefix="meter-bench-") as tmp:
-        for pair in PIN_VARIABLES.values():
-            for var in pair:
-                os.environ.setdefault(var, f"bench-{var.lower()}")
-        for var, user in (("METER_ADMIN_PASSWORD", "admin"), ("METER_SO_PASSWORD", "security")):
-            os.environ.setdefault(var, workflows.development_password(user))
-        home = Home.at(Path(tmp) / "home")
-        # The lab's own PINs, in memory only, so that the bench can open the token itself.
-        pins = {"user_pin": secrets.token_urlsafe(16), "so_pin": secrets.token_urlsafe(16)}
-        provision.init_home(
-            home, provision.InitOptions(device_serial=123456789013), meter_pins=pins
-        )
+        home, pins, passwords = lab_home(Path(tmp), device_serial=123456789013)
         raw_before = _raw_sign(home, pins["user_pin"], seconds)
-        passwords = {
-            "admin": os.environ["METER_ADMIN_PASSWORD"],
-            "security": os.environ["METER_SO_PASSWORD"],
-        } | {user: workflows.development_password(user) for user, _ in workflows.DEMO_USERS}
         batch = [
             IssueRequest(
                 postage=730 + i % 50,
