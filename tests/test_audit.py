@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from meter.cli.home import Home
 from meter.errors import ConfigurationError, InvalidInput
-from meter.psd.audit import AuditLog, AuditRecord, audit_key_id, verify_export
+from meter.psd.audit import AuditLog, AuditRecord, audit_key_id
+from meter.psd.audit_verify import verify_export
 from meter.token import KeyAlgorithm, Token
 from meter.token.softhsm import ensure_token
 

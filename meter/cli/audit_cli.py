@@ -9,7 +9,7 @@ import click
 
 from meter.cli.common import emit, errors
 from meter.errors import InvalidInput
-from meter.psd.audit import VerifyReport, verify_export
+from meter.psd.audit_verify import VerifyReport, verify_export
 
 __all__ = ["audit"]
 
