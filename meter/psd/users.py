@@ -17,13 +17,11 @@ import fcntl
 import hmac
 import json
 import os
-import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeGuard
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -31,16 +29,22 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from meter.durable import write_atomically
 from meter.errors import AuthenticationFailed, ConfigurationError, InvalidInput, LockedOut
 from meter.psd.passwords import (
-    MAX_LOG2_N,
-    MIN_LOG2_N,
     SALT_BYTES,
-    SCRYPT_P,
-    SCRYPT_R,
     PasswordPolicy,
     derive,
     normalize,
 )
 from meter.psd.roles import Role
+from meter.psd.users_records import (
+    _NONCE_BYTES,
+    _USER_ID_RULE,
+    FORMAT,
+    UserInfo,
+    _iso,
+    _parse_record,
+    _Record,
+    _valid_user_id,
+)
 
 __all__ = [
     "FILE_NAME",
@@ -54,33 +58,12 @@ __all__ = [
     "lockout_delay",
 ]
 
-FORMAT = "meter-users-v1"
 FILE_NAME = "users.json"
 LOCK_NAME = "users.lock"
-_USER_ID = re.compile(r"[a-z][a-z0-9._-]{0,31}")
-_USER_ID_RULE = (
-    "a user id is 1 to 32 characters of a-z, 0-9, '.', '_' and '-', starting with a letter"
-)
 _AD_PREFIX = b"meter-slot-v1|"
-_NONCE_BYTES = 12
-_VERIFIER_BYTES = 32
-_TAG_BYTES = 16
-_RECORD_KEYS = {
-    "user_id",
-    "role",
-    "created",
-    "modified",
-    "kdf",
-    "verifier",
-    "slot",
-    "failures",
-    "locked_until",
-    "last_logon",
-}
 _LOCK_AFTER = 3  # the third consecutive failure locks
 _LOCK_BASE = timedelta(seconds=30)
 _LOCK_MAX = timedelta(hours=1)
-_Bad = Callable[[str], ConfigurationError]
 
 
 def lockout_delay(failures: int) -> timedelta | None:
@@ -88,30 +71,6 @@ def lockout_delay(failures: int) -> timedelta | None:
     if failures < _LOCK_AFTER:
         return None
     return min(_LOCK_BASE * (1 << min(failures - _LOCK_AFTER, 7)), _LOCK_MAX)
-
-
-@dataclass(frozen=True)
-class UserInfo:
-    """What anyone with the Administrator role may see about a user: no secret, no verifier."""
-
-    user_id: str
-    role: Role
-    created: datetime
-    modified: datetime
-    failures: int
-    locked_until: datetime | None
-    last_logon: datetime | None
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "user_id": self.user_id,
-            "role": self.role.value,
-            "created": _iso(self.created),
-            "modified": _iso(self.modified),
-            "failures": self.failures,
-            "locked_until": _iso(self.locked_until) if self.locked_until else None,
-            "last_logon": _iso(self.last_logon) if self.last_logon else None,
-        }
 
 
 @dataclass(frozen=True)
@@ -140,48 +99,6 @@ class LogonFailed(AuthenticationFailed):
 
 class UserLockedOut(LockedOut, LogonFailed):
     """The user is locked out: the password was not even checked, and the lock is not extended."""
-
-
-@dataclass(frozen=True)
-class _Record:
-    user_id: str
-    role: Role
-    created: datetime
-    modified: datetime
-    salt: bytes
-    log2_n: int
-    verifier: bytes
-    nonce: bytes
-    ciphertext: bytes
-    failures: int
-    locked_until: datetime | None
-    last_logon: datetime | None
-
-    def info(self) -> UserInfo:
-        return UserInfo(
-            self.user_id,
-            self.role,
-            self.created,
-            self.modified,
-            self.failures,
-            self.locked_until,
-            self.last_logon,
-        )
-
-    def to_json(self) -> dict[str, object]:
-        info = self.info().to_json()
-        return {
-            "user_id": self.user_id,
-            "role": self.role.value,
-            "created": info["created"],
-            "modified": info["modified"],
-            "kdf": {"salt": self.salt.hex(), "log2_n": self.log2_n, "r": SCRYPT_R, "p": SCRYPT_P},
-            "verifier": self.verifier.hex(),
-            "slot": {"nonce": self.nonce.hex(), "ciphertext": self.ciphertext.hex()},
-            "failures": self.failures,
-            "locked_until": info["locked_until"],
-            "last_logon": info["last_logon"],
-        }
 
 
 class UserStore:
@@ -464,10 +381,6 @@ def _associated_data(user_id: str, role: Role) -> bytes:
     return _AD_PREFIX + user_id.encode("ascii") + b"|" + role.value.encode("ascii")
 
 
-def _valid_user_id(user_id: object) -> TypeGuard[str]:
-    return isinstance(user_id, str) and _USER_ID.fullmatch(user_id) is not None
-
-
 def _check_user_id(user_id: str) -> None:
     # The offending value is not echoed: a password typed into the wrong field must not spread.
     if not _valid_user_id(user_id):
@@ -530,84 +443,3 @@ def _second(at: datetime) -> datetime:
 def _ceil_second(at: datetime) -> datetime:
     # A lock ends no earlier than the schedule says, even after rounding to the second.
     return _second(at) + timedelta(seconds=1) if at.microsecond else at
-
-
-def _iso(at: datetime) -> str:
-    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse_record(path: Path, uid: object, obj: object) -> _Record:
-    who = f"user '{uid}'" if _valid_user_id(uid) else "a user with an invalid id"
-
-    def bad(what: str) -> ConfigurationError:
-        return ConfigurationError(f"{path}: {who}: {what}")
-
-    if not _valid_user_id(uid):
-        raise bad(_USER_ID_RULE)
-    if not isinstance(obj, dict) or set(obj) != _RECORD_KEYS:
-        raise bad(f"a record must have exactly the keys {', '.join(sorted(_RECORD_KEYS))}")
-    if obj["user_id"] != uid:
-        raise bad("the record's user_id differs from its key")
-    try:
-        role = Role(obj["role"])
-    except ValueError:
-        raise bad("unknown role") from None
-    if role is Role.NO_ROLE:
-        raise bad("role no-role cannot belong to a user")
-    kdf, slot = obj["kdf"], obj["slot"]
-    if not isinstance(kdf, dict) or set(kdf) != {"salt", "log2_n", "r", "p"}:
-        raise bad("kdf must have exactly salt, log2_n, r and p")
-    if kdf["r"] != SCRYPT_R or kdf["p"] != SCRYPT_P:
-        raise bad(f"kdf must use scrypt r = {SCRYPT_R}, p = {SCRYPT_P}")
-    log2_n = kdf["log2_n"]
-    if not isinstance(log2_n, int) or isinstance(log2_n, bool):
-        raise bad("kdf log2_n must be an integer")
-    if not MIN_LOG2_N <= log2_n <= MAX_LOG2_N:
-        raise bad(f"kdf log2_n must be {MIN_LOG2_N}..{MAX_LOG2_N}")
-    if not isinstance(slot, dict) or set(slot) != {"nonce", "ciphertext"}:
-        raise bad("slot must have exactly nonce and ciphertext")
-    failures = obj["failures"]
-    if not isinstance(failures, int) or isinstance(failures, bool) or failures < 0:
-        raise bad("failures must be a non-negative integer")
-    return _Record(
-        user_id=uid,
-        role=role,
-        created=_parse_time(obj["created"], "created", bad),
-        modified=_parse_time(obj["modified"], "modified", bad),
-        salt=_parse_hex(kdf["salt"], "kdf salt", SALT_BYTES, bad),
-        log2_n=log2_n,
-        verifier=_parse_hex(obj["verifier"], "verifier", _VERIFIER_BYTES, bad),
-        nonce=_parse_hex(slot["nonce"], "slot nonce", _NONCE_BYTES, bad),
-        ciphertext=_parse_hex(slot["ciphertext"], "slot ciphertext", None, bad),
-        failures=failures,
-        locked_until=_parse_optional_time(obj["locked_until"], "locked_until", bad),
-        last_logon=_parse_optional_time(obj["last_logon"], "last_logon", bad),
-    )
-
-
-def _parse_hex(value: object, what: str, size: int | None, bad: _Bad) -> bytes:
-    try:
-        data = bytes.fromhex(value) if isinstance(value, str) else None
-    except ValueError:
-        data = None
-    if data is None:
-        raise bad(f"{what} must be hexadecimal")
-    if size is not None and len(data) != size:
-        raise bad(f"{what} must be {size} bytes")
-    if size is None and len(data) < _TAG_BYTES:
-        raise bad(f"{what} is shorter than an AES-GCM tag")
-    return data
-
-
-def _parse_time(value: object, what: str, bad: _Bad) -> datetime:
-    try:
-        at = datetime.fromisoformat(value) if isinstance(value, str) else None
-    except ValueError:
-        at = None
-    if at is None or at.tzinfo is None:
-        raise bad(f"{what} must be an ISO 8601 time with a zone")
-    return at.astimezone(UTC)
-
-
-def _parse_optional_time(value: object, what: str, bad: _Bad) -> datetime | None:
-    return None if value is None else _parse_time(value, what, bad)
