@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from meter.errors import InvalidInput
-from meter.psd.audit import (
+from meter.psd.audit_records import (
     _GENESIS,
     _SEAL_KEYS,
     EXPORT_FORMAT,
