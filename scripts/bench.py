@@ -222,7 +222,7 @@ def bench_verify(seconds: float, count: int = 4096) -> dict[str, Any]:
     }
 
 
-SECTIONS = ("meter", "verify", "replay", "postoffice")
+SECTIONS = ("meter", "verify", "replay", "postoffice", "reload")
 
 
 def run_sections(sections: set[str], seconds: float) -> dict[str, Any]:
@@ -255,6 +255,10 @@ def run_sections(sections: set[str], seconds: float) -> dict[str, Any]:
         cluster = report["replay_redis_cluster"].get("check_and_set_per_s")
         if single and cluster:
             report["replay_redis_cluster"]["ratio_to_one_node"] = round(cluster / single, 2)
+    if "reload" in sections:
+        from bench_reload import bench_reload
+
+        report.update(bench_reload(seconds))
     if "postoffice" in sections:
         from bench_postoffice import bench_postoffice_hostile_images, bench_postoffice_http
         from bench_redis_aof import bench_replay_redis_aof
@@ -409,6 +413,10 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, float, str]]:
                     f"({aof['aof_off_per_s']:,.0f}/s)",
                 )
             )
+    if "reload" in report:
+        from bench_reload import table_rows as reload_rows
+
+        rows += reload_rows(report)
     return rows
 
 
@@ -420,7 +428,7 @@ def main() -> int:
         "--only",
         action="append",
         choices=SECTIONS,
-        help="run only this part (repeatable): meter, verify, replay or postoffice",
+        help="run only this part (repeatable): meter, verify, replay, postoffice or reload",
     )
     args = parser.parse_args()
     report: dict[str, Any] = {

@@ -233,7 +233,9 @@ def set_up(home: Home, credit_mills: int = 100_000) -> None:
             psd.create_user(user_id, role, passwords[user_id])
         psd.logoff()
         psd.logon("provider", passwords["provider"])
-        psd.authorize_customer(workflows.DEMO_CUSTOMER)
+        psd.authorize_customer(
+            workflows.local_customer_authorization(home, workflows.DEMO_CUSTOMER)
+        )
         if credit_mills:
             psd.download_postage_value(local_grant(home, credit_mills))
 

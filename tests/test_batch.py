@@ -308,12 +308,7 @@ def test_issue_batch_makes_one_pdf_of_every_label(served: Home, tmp_path: Path) 
         (
             "first-class-letter,,,94043,62704,Jane,1 Main St",
             "postage",
-            "postage from weight needs a rate table: give postage",
-        ),
-        (
-            "first-class-letter,,3.5,94043,62704,Jane,1 Main St",
-            "postage",
-            "postage from weight needs a rate table: give postage",
+            "give a postage, or a weight for the device to price from its rate table",
         ),
         ("first-class-letter,0.73,,94043,6270,Jane,1 Main St", "to_zip", "'6270' must be 5 digits"),
         ("letter,0.73,,94043,62704,Jane,1 Main St", "rate", "unknown rate category 'letter'"),
@@ -325,7 +320,7 @@ def test_issue_batch_makes_one_pdf_of_every_label(served: Home, tmp_path: Path) 
         (
             "first-class-letter,0.73,heavy,94043,62704,Jane,1 Main St",
             "weight",
-            "not a weight in ounces",
+            "not a weight (ounces, e.g. 3.5, or pounds, e.g. 2lb)",
         ),
         (
             "first-class-letter,0.73,,94043,62704,Jane \u2603,1 Main St",
@@ -351,6 +346,22 @@ def test_a_bad_row_is_refused_before_any_debit(
         before["piece_count"],
         before["ascending"],
     )
+
+
+def test_a_row_priced_by_weight_needs_a_rate_table_on_the_device(
+    served: Home, tmp_path: Path
+) -> None:
+    """The CSV passes a weight-only row on; the device, with no signed rate table installed,
+    refuses the whole batch before any debit (docs/rates.md prices it once one is)."""
+    csv = tmp_path / "mailing.csv"
+    csv.write_text(CSV_HEADER + csv_rows(2) + "first-class-letter,,3.5,94043,62704,Jane,1 Main\n")
+    rows = read_batch_csv(csv)
+    assert (rows[2].request.postage, rows[2].request.weight) == (None, "3.5oz")
+    before = status(served)
+    answer = run(served, "issue-batch", str(csv), "--out", str(tmp_path / "x.pdf"), exit_code=1)
+    assert answer["error"] == "InvalidInput"
+    assert "no rate table installed" in answer["message"]
+    assert status(served)["piece_count"] == before["piece_count"]
 
 
 def test_rows_beyond_the_descending_register_are_refused_whole(

@@ -166,10 +166,12 @@ def test_corrupt_register_mac_key_puts_the_device_in_the_error_state(
         assert "device-records" in psd.request_status()["error"]
 
 
-def test_withdrawn_device_refuses_to_issue(device_home: Home, clock: Clock) -> None:
+def test_withdrawn_device_refuses_to_issue(device_home: Home, clock: Clock, tmp_path: Path) -> None:
+    from tests._audit_lab import withdraw_in_process
+
     with PSD.power_up(device_home.open_device_token(), device_home.device, clock=clock) as psd:
         logon(psd, "provider")
-        final = psd.withdraw_psd()
+        final = withdraw_in_process(psd, device_home, tmp_path / "provider")
         assert psd.module_state() == ModuleState.WITHDRAWN
         assert final["descending"] == 100_000
     with PSD.power_up(device_home.open_device_token(), device_home.device, clock=clock) as psd:
@@ -201,7 +203,8 @@ def test_status_without_logon_and_after(psd: PSD) -> None:
     assert status["module_state"] == ModuleState.AUTHORIZED
     assert status["registers"]["descending"] == 100_000
     assert status["keys"]["audit-signing"]["present"] is True
-    assert status["keys"]["indicium-signing"]["extractable"] is False
+    # Extractable only under a trusted key (CKA_WRAP_WITH_TRUSTED): the key ceremonies.
+    assert status["keys"]["indicium-signing"]["extractable"] is True
     assert status["session"]["open"] is True
     psd.logoff()
     # The device stays unlocked after the session; No-Role still sees no registers.

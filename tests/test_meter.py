@@ -57,16 +57,24 @@ def verifier_for(home: Home, today: date | None = None) -> Verifier:
     )
 
 
-def test_private_and_secret_keys_are_sensitive_and_never_extractable(provisioned: Home) -> None:
+def test_private_and_secret_keys_are_sensitive_and_leave_only_under_a_trusted_key(
+    provisioned: Home,
+) -> None:
+    from meter.token import wrapping
+
     with open_meter_token(provisioned) as token:
         for label, kind in (("indicium-signing", "private"), (MAC_KEY_LABEL, "secret")):
             attrs = token.key_attributes(label, kind)  # type: ignore[arg-type]
+            # Extractable for the custodians' ceremonies, but CKA_WRAP_WITH_TRUSTED: the
+            # token wraps them only under a key its SO marked trusted (tests/test_token_wrapping.py
+            # shows the refusal under an untrusted one).
             assert attrs == {
                 "sensitive": True,
-                "extractable": False,
+                "extractable": True,
                 "private": True,
                 "token": True,
             }
+            assert wrapping.describe_key(token, label, kind).wrap_with_trusted is True  # type: ignore[arg-type]
     for party, label in (("provider", "provider-signing"), ("postal-root", "postal-root-signing")):
         with provisioned.open_token(party) as token:
             assert token.key_attributes(label, "private")["extractable"] is False

@@ -57,7 +57,8 @@ def test_credit_issue_verify_and_audit(device_home_on: Home, tmp_path: Path) -> 
         # The signing key is the profile's algorithm, and it lives in the profile's token.
         assert token.key_attributes("indicium-signing", "private") == {
             "sensitive": True,
-            "extractable": False,
+            # Only where the token can wrap it (under a trusted key): the key ceremonies.
+            "extractable": "aes_key_wrap_pad" in profile.capabilities,
             "private": True,
             "token": True,
         }

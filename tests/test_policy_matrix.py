@@ -62,6 +62,8 @@ EXPECTED_OTHER_FAILURES = [
     "no-role logon: AuthenticationFailed",  # an unknown user
     "certificate-authority authorize-psd: CertificateError",  # certified at provisioning
     "security-officer create-audit-key: TokenError",  # the set-up made one already
+    "security-officer update-psc: InvalidInput",  # an empty document is no update bundle
+    "provider withdraw-psd: InvalidInput",  # neither the provider's nonce nor its acknowledgement
 ]
 
 
@@ -77,7 +79,10 @@ def _calls(client: DeviceClient, home: Home, role: Role) -> dict[Service, Callab
 
     return {
         Service.KEY_ADMINISTRATION: lambda: client.post("/v1/keys", {"action": "list"}),
-        Service.AUTHORIZE_CUSTOMER: lambda: client.post("/v1/customer", {"customer": "WALK-0001"}),
+        Service.AUTHORIZE_CUSTOMER: lambda: client.post(
+            "/v1/customer",
+            {"authorization": workflows.local_customer_authorization(home, "DEMO-0001")},
+        ),
         Service.AUTHORIZE_PSD: lambda: client.post(
             "/v1/certificates",
             {
@@ -117,9 +122,9 @@ def _calls(client: DeviceClient, home: Home, role: Role) -> dict[Service, Callab
         Service.RETRIEVE_PSD_PUBLIC_KEY: lambda: client.get("/v1/public-key"),
         Service.SET_CLOCK: later_clock,
         Service.REQUEST_STATUS: lambda: client.get("/v1/status"),
-        Service.UPDATE_PSC: lambda: client.post(
-            "/v1/psc", {"version": f"1.0.{ROLE_ORDER.index(role) + 1}"}
-        ),
+        # Not a signed bundle: the Security Officer's call is refused for that (see below);
+        # installing real ones is tests/test_update_psc.py.
+        Service.UPDATE_PSC: lambda: client.post("/v1/psc", {"bundle": "{}"}),
         Service.VIEW_USERS: lambda: client.get("/v1/users"),
         Service.VIEW_AUDIT_LOG: lambda: client.get("/v1/audit"),
         Service.SAVE_AUDIT_LOG: lambda: client.post("/v1/audit/save"),

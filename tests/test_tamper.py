@@ -444,7 +444,11 @@ def private_records(home: Home) -> dict[str, Any]:
             for application in APPLICATIONS
         }
         records["keys"] = {label: token.has_key(label) for label in KEY_LABELS}
-        records["indicium-signing"] = token.public_key_spki("indicium-signing")
+        records["indicium-signing"] = (  # a withdrawal destroys the key pair
+            token.public_key_spki("indicium-signing")
+            if records["keys"]["indicium-signing"]
+            else None
+        )
     return records
 
 
@@ -454,8 +458,12 @@ def tampered(home: Home, scratch: Path, rogue: Rogue, serial: int, auth_id: int)
     counts = {app: len(before[app]) for app in APPLICATIONS}
     assert counts["meter.identity"] == 1 and counts["meter.state"] == 1
     assert counts["meter.certificate"] == 3 and counts["meter.registers"] >= 1
-    # A set-up device has no key-exchange key yet (Key Exchange makes it).
-    assert before["keys"] == {**dict.fromkeys(KEY_LABELS, True), "key-exchange": False}
+    # A set-up device has no key-exchange key yet (Key Exchange makes it); a withdrawn one
+    # keeps only its register MAC key.
+    assert before["keys"] in (
+        {**dict.fromkeys(KEY_LABELS, True), "key-exchange": False},
+        {**dict.fromkeys(KEY_LABELS, False), "register-mac": True},
+    )
     tamper(pkcs11_tool(home, scratch), rogue, serial, auth_id)
     assert private_records(home) == before
 
@@ -577,11 +585,13 @@ def test_a_grant_chaining_to_a_rogue_root_is_refused(device_home: Home, tmp_path
 
 
 def test_a_withdrawn_device_stays_withdrawn(device_home: Home, tmp_path: Path) -> None:
+    from tests._audit_lab import withdraw_over_socket
+
     home = device_home
     rogue = make_rogue(home)
     serial, auth_id = identity_of(home)
     with running_device(home), logged_on(home, "provider") as client:
-        withdrawn_at = client.post("/v1/withdraw")["withdrawn_at"]
+        withdrawn_at = withdraw_over_socket(client, home, tmp_path / "provider")["withdrawn_at"]
         before = client.get("/v1/status")
     assert before["module_state"] == "withdrawn"
 

@@ -24,8 +24,8 @@ __all__ = ["ADDRESS_COLUMNS", "COLUMNS", "MAX_ROWS", "BatchRow", "read_batch_csv
 
 ADDRESS_COLUMNS = ("name", *(f"address{i}" for i in range(1, 8)))  # 8 lines fit a label
 REQUIRED = ("rate", "from_zip", "to_zip")
-# weight is read and checked now, so files that carry it stay valid once rate tables
-# price pieces by it; until then a row must give its postage.
+# A row gives its postage, or its weight for the device to price from the installed signed
+# rate table (docs/rates.md); with both, the postage must be one the table allows.
 OPTIONAL = ("postage", "weight", "to_plus4", "delivery_point", "date")
 COLUMNS = (*REQUIRED, *OPTIONAL, *ADDRESS_COLUMNS)
 MAX_ROWS = 100_000  # a day's mailing for one meter; more is several files
@@ -129,15 +129,19 @@ def _row(
     try:
         rate = RateCategory.parse(cell("rate"))
         field = "weight"
-        weight = _weight(cell("weight"))
+        weight, weight_unit = _weight(cell("weight"))
         field = "postage"
         postage_text = cell("postage")
-        if not postage_text:
-            raise InvalidInput("postage from weight needs a rate table: give postage")
-        postage = parse_postage(postage_text)
-        if not 0 < postage <= MAX_POSTAGE:
+        postage: int | None = None
+        if postage_text:
+            postage = parse_postage(postage_text)
+            if not 0 < postage <= MAX_POSTAGE:
+                raise InvalidInput(
+                    f"{postage_text} is not between $0.001 and ${MAX_POSTAGE // 1000}.{MAX_POSTAGE % 1000:03d}"
+                )
+        elif weight is None:
             raise InvalidInput(
-                f"{postage_text} is not between $0.001 and ${MAX_POSTAGE // 1000}.{MAX_POSTAGE % 1000:03d}"
+                "give a postage, or a weight for the device to price from its rate table"
             )
         field = "from_zip"
         origin = cell("from_zip")
@@ -161,6 +165,7 @@ def _row(
             destination[field] = value
         request = IssueRequest(
             postage=postage,
+            weight=None if weight is None else f"{weight}{weight_unit}",
             rate_category=rate,
             origin_zip=origin,
             destination_zip=destination["to_zip"],
@@ -173,19 +178,25 @@ def _row(
         raise _bad(where, field, str(exc)) from None
     except MeterError as exc:
         raise _bad(where, field, str(exc)) from exc
-    return BatchRow(number, line, request, weight)
+    ounces = None if weight is None else weight * 16 if weight_unit == "lb" else weight
+    return BatchRow(number, line, request, ounces)
 
 
-def _weight(text: str) -> Decimal | None:
+def _weight(text: str) -> tuple[Decimal | None, str]:
+    """A weight cell: a number of ounces (``3.5``, ``3.5oz``) or of pounds (``2lb``)."""
     if not text:
-        return None
+        return None, "oz"
+    lowered = text.lower()
+    unit = "lb" if lowered.endswith("lb") else "oz"
     try:
-        ounces = Decimal(text.lower().removesuffix("oz").strip())
+        amount = Decimal(lowered.removesuffix(unit).strip())
     except InvalidOperation:
-        raise InvalidInput(f"'{text}' is not a weight in ounces (e.g. 3.5)") from None
-    if not ounces.is_finite() or ounces <= 0:
-        raise InvalidInput(f"'{text}' is not a positive weight in ounces")
-    return ounces
+        raise InvalidInput(
+            f"'{text}' is not a weight (ounces, e.g. 3.5, or pounds, e.g. 2lb)"
+        ) from None
+    if not amount.is_finite() or amount <= 0:
+        raise InvalidInput(f"'{text}' is not a positive weight")
+    return amount, unit
 
 
 def _bad(where: str, field: str, why: str) -> InvalidInput:

@@ -182,11 +182,38 @@ def register(cli: click.Group) -> None:
         """Retrieve PSD Public Key: the signing key and certificate (no logon needed)."""
         _run(ctx, _get("/v1/public-key"))
 
+    _provider_option = click.option(
+        "--provider",
+        "provider_url",
+        default=None,
+        metavar="URL",
+        help="The provider's service (http://host:port); its operator key from "
+        "METER_PROVIDER_KEY or a prompt.",
+    )
+    _post_office_option = click.option(
+        "--post-office",
+        "post_office",
+        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        default=None,
+        help="A post office's `meter postoffice reconcile --json` for the provider to check.",
+    )
+
     @cli.command("device-audit")
+    @_provider_option
+    @_post_office_option
     @click.pass_context
-    def device_audit(ctx: click.Context) -> None:
-        """Request Device Audit: rerun the self-tests and report the device's figures."""
-        _run(ctx, _post("/v1/device-audit"))
+    def device_audit(
+        ctx: click.Context, provider_url: str | None, post_office: Path | None
+    ) -> None:
+        """Request Device Audit: rerun the self-tests and report the device's figures.
+
+        With --provider URL, the provider's signed audit: its nonce, the device's
+        signed report, the provider's check, its acknowledgement into the device
+        (the inspection watchdog restarts). See docs/withdrawal.md.
+        """
+        from meter.cli.withdraw_cli import run_device_audit
+
+        run_device_audit(ctx, provider_url, post_office)
 
     @cli.group()
     def users() -> None:
@@ -265,11 +292,17 @@ def register(cli: click.Group) -> None:
         _run(ctx, _post("/v1/administration", {"authorize": not revoke}))
 
     @cli.command("update-psc")
-    @click.argument("version")
+    @click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path))
     @click.pass_context
-    def update_psc(ctx: click.Context, version: str) -> None:
-        """Update PSC (Security Officer): record a newer firmware version."""
-        _run(ctx, _post("/v1/psc", {"version": version}))
+    def update_psc(ctx: click.Context, bundle: Path) -> None:
+        """Update PSC (Security Officer): install a provider-signed update BUNDLE
+        (as `meter update install`; docs/updates.md)."""
+        with errors(ctx):
+            try:
+                text = bundle.read_bytes().decode("utf-8", errors="replace")
+            except OSError as exc:
+                raise InvalidInput(f"cannot read {bundle}: {exc.strerror or exc}") from exc
+        _run(ctx, _post("/v1/psc", {"bundle": text}))
 
     @cli.command("set-clock")
     @click.argument("time")
@@ -313,11 +346,36 @@ def register(cli: click.Group) -> None:
             _run(ctx, _post("/v1/certificates", body))
 
     @cli.command("authorize-customer")
-    @click.argument("account")
+    @click.argument(
+        "record", required=False, type=click.Path(dir_okay=False, path_type=Path), default=None
+    )
+    @click.option(
+        "--account",
+        default=None,
+        help="Have the home's development provider sign a record for ACCOUNT "
+        "(needs PROVIDER_USER_PIN), instead of giving RECORD.",
+    )
     @click.pass_context
-    def authorize_customer(ctx: click.Context, account: str) -> None:
-        """Authorize Customer (Provider): the customer account this device mails for."""
-        _run(ctx, _post("/v1/customer", {"customer": account}))
+    def authorize_customer(ctx: click.Context, record: Path | None, account: str | None) -> None:
+        """Authorize Customer (Provider): install the provider-signed RECORD binding this
+        device to a customer account (from `meter provider authorize-meter` or the
+        provider service's POST /v1/customers/ID/meters)."""
+        with errors(ctx):
+            if (record is None) == (account is None):
+                raise InvalidInput("give the provider's signed RECORD file, or --account ACCOUNT")
+            if record is not None:
+                try:
+                    authorization = json.loads(record.read_bytes())
+                except (OSError, ValueError) as exc:
+                    raise InvalidInput(
+                        f"{record}: not a JSON customer authorization ({exc})"
+                    ) from exc
+            else:
+                assert account is not None
+                authorization = workflows.local_customer_authorization(home_of(ctx), account)
+            if isinstance(authorization, dict) and "authorization" in authorization:
+                authorization = authorization["authorization"]  # the service's whole answer
+        _run(ctx, _post("/v1/customer", {"authorization": authorization}))
 
     @cli.command()
     @click.argument("amount")
@@ -339,10 +397,30 @@ def register(cli: click.Group) -> None:
             )
 
     @cli.command()
+    @_provider_option
+    @click.option(
+        "--revocations-out",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="Also write the provider's signed revocation export here (for post offices).",
+    )
+    @_post_office_option
     @click.pass_context
-    def withdraw(ctx: click.Context) -> None:
-        """Withdraw PSD (Provider): take the device out of service for good."""
-        _run(ctx, _post("/v1/withdraw"))
+    def withdraw(
+        ctx: click.Context,
+        provider_url: str | None,
+        revocations_out: Path | None,
+        post_office: Path | None,
+    ) -> None:
+        """Withdraw PSD (Provider): take the device out of service for good.
+
+        Needs --provider URL and the device's Provider user (--user): final signed
+        audit, refund, keys destroyed, revocation. Rerun after an interruption: it
+        resumes at the step where it stopped. See docs/withdrawal.md.
+        """
+        from meter.cli.withdraw_cli import run_withdraw
+
+        run_withdraw(ctx, provider_url, revocations_out, post_office)
 
     @cli.command("key-exchange")
     @click.pass_context

@@ -15,7 +15,7 @@ from meter.cli.device_process import device_group, running_device
 from meter.cli.device_session import device
 from meter.cli.home import PIN_VARIABLES, Home
 from meter.cli.postoffice_group import postoffice
-from meter.errors import ConfigurationError
+from meter.errors import ConfigurationError, InvalidInput
 from meter.host import DeviceClient
 from meter.indicium import RateCategory
 from meter.label import SYMBOLOGIES
@@ -98,7 +98,18 @@ def init(
 
 
 @cli.command()
-@click.option("--postage", required=True, help="Postage in dollars, e.g. 0.73 (0 for --specimen).")
+@click.option(
+    "--postage",
+    default=None,
+    help="Postage in dollars, e.g. 0.73 (0 for --specimen); with a rate table installed, "
+    "where the table allows an explicit amount, at least its price.",
+)
+@click.option(
+    "--weight",
+    default=None,
+    help="Weight with its unit (1oz, 3.5oz, 2lb): the device computes the postage from its "
+    "installed rate table.",
+)
 @click.option(
     "--rate",
     "rate",
@@ -151,7 +162,8 @@ def init(
 @click.pass_context
 def issue(
     ctx: click.Context,
-    postage: str,
+    postage: str | None,
+    weight: str | None,
     rate: str,
     mailing_date: str | None,
     origin_zip: str,
@@ -171,7 +183,7 @@ def issue(
     """
     with errors(ctx):
         request = IssueRequest(
-            postage=parse_postage(postage),
+            postage=None if postage is None else parse_postage(postage),
             rate_category=RateCategory.parse(rate),
             origin_zip=origin_zip,
             destination_zip=destination_zip,
@@ -181,7 +193,10 @@ def issue(
             date_of_mailing=parse_date(mailing_date),
             specimen=specimen,
             correction_of=correction_of,
+            weight=weight,
         )
+        if postage is None and weight is None and not specimen:
+            raise InvalidInput("give --postage, or --weight for the meter to compute it")
         with device(ctx) as client:
             issued = workflows.issue_on(
                 client, home_of(ctx).labels, request, out, symbology=symbology
@@ -356,16 +371,26 @@ device_cli.register(cli)
 cli.add_command(postoffice)
 cli.add_command(device_group)
 # Further command modules register here, one line each.
+import meter.cli.withdraw_cli  # noqa: E402
 from meter.cli import audit_cli  # noqa: E402
 
 cli.add_command(audit_cli.audit)
+from meter.cli import ceremony_cli  # noqa: E402
+
+cli.add_command(ceremony_cli.ceremony)
 device_cli.add_audit_commands(audit_cli.audit)
 from meter.cli import serve_cli  # noqa: E402, F401
 
 cli.add_command(provider_cli.provider)
 import meter.cli.batch_cli  # noqa: E402
 import meter.cli.hsm_cli  # noqa: E402, F401
-from meter.cli import reconcile_cli, stations_cli  # noqa: E402, F401
+from meter.cli import reconcile_cli, stations_cli, update_cli  # noqa: E402, F401
+
+cli.add_command(update_cli.update)
+from meter.cli import reload_cli  # noqa: E402
+
+cli.add_command(reload_cli.reload)
+cli.add_command(reload_cli.certify)
 
 
 def _set_json(ctx: click.Context, param: click.Parameter, value: bool) -> None:

@@ -18,7 +18,7 @@ __all__ = ["provider"]
 
 @click.group()
 def provider() -> None:
-    """Run the provider: exports for post offices."""
+    """Run the provider: its service and accounts ledger, exports for post offices."""
 
 
 @provider.command("export-credited")
@@ -53,3 +53,11 @@ def export_credited(ctx: click.Context, out: Path) -> None:
             summary,
             lambda: f"wrote {out}: credited totals of {len(devices)} devices, signed",
         )
+
+
+# The provider service, its accounts ledger and its keys (a module of their own).
+from meter.cli.provider_serve_cli import COMMANDS  # noqa: E402
+from meter.cli.provider_status_cli import issue_status  # noqa: E402
+
+for _command in (*COMMANDS, issue_status):
+    provider.add_command(_command)

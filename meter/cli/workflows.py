@@ -47,6 +47,7 @@ __all__ = [
     "format_mills",
     "issue_batch_on",
     "issue_on",
+    "local_customer_authorization",
     "setup_demo_device",
 ]
 
@@ -129,7 +130,8 @@ def _require_writable(folder: Path) -> None:
 def _placeholder_info(request: IssueRequest, lines: Sequence[str]) -> LabelInfo:
     """The widest values the indicium's human-readable fields can take, with the real address."""
     return LabelInfo(
-        postage=format_mills(max(request.postage, 0)),
+        # Priced by the device from a weight: the widest amount a table could ask.
+        postage=format_mills(99_999 if request.postage is None else max(request.postage, 0)),
         date_of_mailing="2026-12-31",
         origin_zip=request.origin_zip or "00000",
         device_serial="18446744073709551615",
@@ -151,6 +153,46 @@ def credit_from_local_provider(client: DeviceClient, home: Home, amount: int) ->
         )
     result: dict[str, Any] = client.apply_credit(grant)
     return result
+
+
+def local_customer_authorization(
+    home: Home, customer: str, device_serial: int | None = None
+) -> dict[str, Any]:
+    """Authorize Customer's record from the home's development provider (PROVIDER_USER_PIN):
+    the home's meter (or ``device_serial``) bound to ``customer`` in the home's accounts
+    ledger, the account opened if it is new, and the provider-signed record as JSON."""
+    from meter.cli.provider_serve_cli import default_ledger
+    from meter.provider.customers import authorize_meter
+    from meter.provider.ledger_sql import open_ledger
+
+    if device_serial is None:
+        device_serial = _home_meter_serial(home)
+    now = datetime.now(UTC).replace(microsecond=0)
+    ledger = open_ledger(default_ledger(home))
+    try:
+        if customer not in ledger.customers():
+            ledger.create_customer(customer, f"customer {customer}", now)
+        with home.open_token("provider") as token:
+            record = authorize_meter(
+                Provider.open(token, home.ledger), ledger, customer, device_serial, now
+            )
+    finally:
+        ledger.close()
+    return record.to_json()
+
+
+def _home_meter_serial(home: Home) -> int:
+    from cryptography import x509
+
+    path = home.certs / "meter.pem"
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(
+            f"cannot read the meter's certificate {path} ({exc}): provision the home first"
+        ) from exc
+    serials = cert.subject.get_attributes_for_oid(x509.oid.NameOID.SERIAL_NUMBER)
+    return int(str(serials[0].value))
 
 
 # The demo's users beyond the first two, one per remaining role.
@@ -194,7 +236,8 @@ def setup_demo_device(
             client.post("/v1/users", body)
     with DeviceClient(home.socket, home=home.path) as client:
         client.logon("provider", passwords["provider"])
-        client.post("/v1/customer", {"customer": DEMO_CUSTOMER})
+        authorization = local_customer_authorization(home, DEMO_CUSTOMER)
+        client.post("/v1/customer", {"authorization": authorization})
         return credit_from_local_provider(client, home, credit_mills)
 
 
@@ -255,7 +298,7 @@ def issue_batch_on(
                 f"{row.where()}, field 'address': {exc}; nothing was issued"
             ) from exc
     _require_writable(out.parent)
-    total = sum(r.request.postage for r in rows)
+    total = sum(r.request.postage or 0 for r in rows)  # rows priced by weight: the device checks
     descending = int(client.get("/v1/psd-status")["descending"])
     if total > descending:
         raise InsufficientFunds(

@@ -28,6 +28,7 @@ from meter.errors import DeviceNotRunning, MeterError, ProtocolError
 from meter.indicium import Indicium, decode
 from meter.protocol.batch import BatchResult, batch_body
 from meter.protocol.credit import CreditGrant, CreditRequest
+from meter.protocol.device_audit import AuditAcknowledgement, DeviceAuditReport
 from meter.protocol.issue import IssueRequest
 
 __all__ = ["DeviceClient"]
@@ -198,6 +199,46 @@ class DeviceClient:
         answer: dict[str, Any] = self.post(
             "/v1/credit/grant", {"grant_hex": grant.to_bytes().hex()}
         )
+        return answer
+
+    # Request Device Audit and Withdraw PSD (docs/withdrawal.md).
+
+    def device_audit(self, nonce: bytes) -> DeviceAuditReport:
+        """The meter's signed audit report for the provider's ``nonce``."""
+        answer = self.post("/v1/device-audit", {"nonce_hex": nonce.hex()})
+        return DeviceAuditReport.from_json(answer["signed_report"], "the device's audit report")
+
+    def acknowledge_audit(self, acknowledgement: AuditAcknowledgement) -> dict[str, Any]:
+        answer: dict[str, Any] = self.post(
+            "/v1/device-audit/acknowledgement", {"acknowledgement": acknowledgement.to_json()}
+        )
+        return answer
+
+    def withdraw_begin(self, nonce: bytes) -> DeviceAuditReport:
+        """Withdraw PSD, step 1: the meter stops issuing; its final signed audit report."""
+        answer = self.post("/v1/withdraw", {"nonce_hex": nonce.hex()})
+        return DeviceAuditReport.from_json(answer["signed_report"], "the device's final report")
+
+    def withdraw_complete(self, acknowledgement: AuditAcknowledgement) -> dict[str, Any]:
+        """Withdraw PSD, steps 3-4: keys destroyed, the device withdrawn."""
+        answer: dict[str, Any] = self.post(
+            "/v1/withdraw", {"acknowledgement": acknowledgement.to_json()}
+        )
+        return answer
+
+    # Download Postage Value over the reload protocol: the host relays opaque messages
+    # between these and the provider (meter/cli/reload_cli.py); see docs/reload-protocol.md.
+
+    def reload_begin(self, amount: int) -> dict[str, Any]:
+        answer: dict[str, Any] = self.post("/v1/reload/begin", {"amount": amount})
+        return answer
+
+    def reload_next(self, message: bytes) -> dict[str, Any]:
+        answer: dict[str, Any] = self.post("/v1/reload/next", {"message_hex": message.hex()})
+        return answer
+
+    def reload_cancel(self) -> dict[str, Any]:
+        answer: dict[str, Any] = self.post("/v1/reload/cancel")
         return answer
 
 

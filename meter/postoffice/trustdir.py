@@ -14,16 +14,26 @@ what is wrong until the directory is fixed.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
+from meter.durable import write_atomically
 from meter.errors import CertificateError, ConfigurationError
 from meter.pki.revocation import Revocations
 from meter.pki.trust import TrustStore
+from meter.protocol.revocation_export import RevocationExport
 
-__all__ = ["REVOCATIONS_FILE", "ROOT_FILE", "CertificateDirectory", "TrustSet"]
+__all__ = [
+    "REVOCATIONS_FILE",
+    "ROOT_FILE",
+    "CertificateDirectory",
+    "TrustSet",
+    "load_revocation_export",
+]
 
 ROOT_FILE = "postal-root.pem"
 REVOCATIONS_FILE = "revocations.json"
@@ -141,3 +151,45 @@ class CertificateDirectory:
 
 def _is_ours(name: str) -> bool:
     return name == REVOCATIONS_FILE or (name.endswith(".pem") and not name.startswith("."))
+
+
+def load_revocation_export(directory: Path, data: bytes, source: str) -> int:
+    """Verify a provider's signed revocation export (meter.protocol.device_audit) with that
+    provider's certificate in the directory, and merge it into ``revocations.json``
+    (an instant already listed earlier stands). Returns how many devices it lists.
+
+    Refused, the file untouched: an export that does not parse or verify, from a provider
+    the directory does not know, or naming a meter another provider certified.
+    """
+    export = RevocationExport.from_json(data, source)
+    trust = CertificateDirectory(directory).current_set().trust
+    providers = {c.authorization_id: c.provider for c in trust.credentials}
+    provider = providers.get(export.authorization_id)
+    if provider is None:
+        raise CertificateError(
+            f"{source}: no certificate of provider {export.authorization_id} (with a meter it "
+            f"certified) in {directory}: add them first (`meter export-certs`)"
+        )
+    export.verify(provider)
+    for credential in trust.credentials:
+        if (
+            credential.device_serial in export.revoked
+            and credential.authorization_id != export.authorization_id
+        ):
+            raise CertificateError(
+                f"{source}: provider {export.authorization_id} may not revoke meter "
+                f"{credential.device_serial}, which provider {credential.authorization_id} "
+                "certified"
+            )
+    path = directory / REVOCATIONS_FILE
+    listed: dict[int, datetime] = {}
+    if path.exists():
+        Revocations.from_file(path)  # refuses a malformed list before it is merged into
+        for entry in json.loads(path.read_bytes()):
+            at = datetime.fromisoformat(entry["revoked_at"])
+            listed[entry["device_serial"]] = min(at, listed.get(entry["device_serial"], at))
+    for serial, at in export.revoked.items():
+        listed[serial] = min(at, listed.get(serial, at))
+    rows = [{"device_serial": s, "revoked_at": t.isoformat()} for s, t in sorted(listed.items())]
+    write_atomically(path, json.dumps(rows, indent=1).encode() + b"\n", mode=0o644)
+    return len(export.revoked)

@@ -19,9 +19,14 @@ __all__ = ["IssueRequest"]
 
 @dataclass(frozen=True)
 class IssueRequest:
-    """What a customer asks for; amounts in mills (1/10 cent)."""
+    """What a customer asks for; amounts in mills (1/10 cent).
 
-    postage: int
+    ``postage`` None with a ``weight`` ("1oz", "2.5lb"): the device computes the postage
+    from its installed rate table (meter.rates, docs/rates.md). Both given: an explicit
+    postage the table must allow for the category, at least its amount.
+    """
+
+    postage: int | None
     rate_category: RateCategory
     origin_zip: str
     destination_zip: str
@@ -31,6 +36,7 @@ class IssueRequest:
     date_of_mailing: date | None = None
     specimen: bool = False
     correction_of: int | None = None
+    weight: str | None = None
 
     def destination(self) -> str:
         for name, value, width in (
@@ -59,4 +65,5 @@ class IssueRequest:
             "date_of_mailing": self.date_of_mailing.isoformat() if self.date_of_mailing else None,
             "specimen": self.specimen,
             "correction_of": self.correction_of,
+            "weight": self.weight,
         }

@@ -14,7 +14,15 @@ keyed by a 16-byte transaction id (the reload protocol, docs/reload-protocol.md)
 Available funds = funds paid in + refunds - committed credit - prepared
 (reserved) credit. Every call is one database transaction, durable on return
 (SQLite: WAL with synchronous=FULL; PostgreSQL: a committed transaction).
-Implementations: ``meter.provider.ledger_sqlite`` and ``meter.provider.ledger_postgres``.
+Implementations: ``meter.provider.ledger_sqlite`` and ``meter.provider.ledger_postgres``
+(their shared rules in ``meter.provider.ledger_sql``, whose ``open_ledger`` picks one
+by its location: a file path or a postgresql:// URL).
+
+Refusals change nothing: ``InvalidInput`` (a bad value; an unknown customer or
+meter; a meter authorized to another customer), ``InsufficientFunds`` (above
+the available funds), ``ProtocolError`` (a transaction id reused with other
+parameters, unknown, committed after an abort or with another receipt,
+aborted when not PREPARED).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
-__all__ = ["Ledger", "Transaction", "TransactionState"]
+__all__ = ["Account", "Ledger", "Transaction", "TransactionState"]
 
 
 class TransactionState(StrEnum):
@@ -47,6 +55,21 @@ class Transaction:
     reason: str | None = None  # why it was aborted
 
 
+@dataclass(frozen=True)
+class Account:
+    """One customer as the ledger holds it; amounts in mills."""
+
+    customer: str
+    name: str
+    available: int  # funded + refunded - credited - reserved
+    funded: int  # payments in
+    refunded: int  # withdrawn meters' descending registers, credited back
+    reserved: int  # PREPARED transactions
+    credited: int  # COMMITTED transactions
+    created_at: datetime
+    meters: tuple[int, ...]  # device serials authorized to this customer
+
+
 class Ledger(Protocol):
     # -- customers, funds, meters ------------------------------------------
     def create_customer(self, customer: str, name: str, now: datetime) -> None: ...
@@ -57,6 +80,11 @@ class Ledger(Protocol):
     def available(self, customer: str) -> int: ...
     def authorize_meter(self, customer: str, device_serial: int, now: datetime) -> None: ...
     def customer_of(self, device_serial: int) -> str | None: ...
+    def account(self, customer: str) -> Account: ...
+    def customers(self) -> list[str]: ...
+    def transactions_of(self, customer: str, limit: int = 100) -> list[Transaction]:
+        """The customer's latest transactions, newest first."""
+        ...
 
     # -- two-phase credit ---------------------------------------------------
     def prepare(
@@ -96,9 +124,35 @@ class Ledger(Protocol):
     ) -> None: ...
     def last_audit(self, device_serial: int) -> dict[str, Any] | None: ...
     def record_refund(
-        self, customer: str, device_serial: int, amount: int, reason: str, now: datetime
+        self,
+        customer: str,
+        device_serial: int,
+        amount: int,
+        reason: str,
+        now: datetime,
+        refund_id: str | None = None,
     ) -> int:
-        """Credit ``amount`` back to the customer (a withdrawn meter's descending register)."""
+        """Credit ``amount`` back to the customer (a withdrawn meter's descending register);
+        the available funds after. ``refund_id`` is unique per meter (a database
+        constraint): the same id again refunds nothing more, with other figures it is a
+        ProtocolError. Without one, a new id is made (every call refunds)."""
+        ...
+
+    def refunded(self, device_serial: int) -> int:
+        """All refunds of one meter, in mills."""
+        ...
+
+    def refund_made(self, device_serial: int, refund_id: str) -> int | None:
+        """The amount of the meter's refund ``refund_id``, or None if none was recorded."""
+        ...
+
+    # -- checking -------------------------------------------------------------------
+    def totals(self) -> dict[str, int]:
+        """Whole-ledger counts and sums (what a copy to another back end must match)."""
+        ...
+
+    def check_totals(self) -> list[str]:
+        """Customers whose running balance disagrees with their records; empty when none."""
         ...
 
     def close(self) -> None: ...

@@ -35,11 +35,14 @@ from meter.indicium import (
 )
 from meter.protocol.credit import CreditGrant, CreditRequest, verify_provider_certificate
 from meter.protocol.issue import IssueRequest
+from meter.protocol.update_bundle import Installed, UpdateBundle, verify_update
 from meter.psd.device_state import DeviceState, DeviceStateStore
 from meter.psd.identity import DeviceIdentity, load_identity, store_identity
-from meter.psd.pieces import Issuer, SignedBatch, check_request, unsigned_indicium
+from meter.psd.pieces import Issuer, SignedBatch, check_request, price_request, unsigned_indicium
+from meter.psd.psc_store import load_installed, retire, stage
 from meter.psd.register_store import MAC_KEY_LABEL, RegisterStore
 from meter.psd.registers import NO_ROOT, Registers
+from meter.rates import RateTable
 from meter.token import Token
 
 __all__ = ["CERT_APPLICATION", "SIGNING_KEY_LABEL", "IssueRequest", "Meter", "SignedBatch"]
@@ -73,6 +76,7 @@ class Meter:
         state: DeviceStateStore,
         clock: Clock,
         certificates: Certificates | None,
+        bundle: UpdateBundle | None = None,
     ) -> None:
         self.token = token
         self.identity = identity
@@ -80,9 +84,10 @@ class Meter:
         self._state = state
         self._clock = clock
         self.certificates = certificates
-        self._public_key_spki = token.public_key_spki(SIGNING_KEY_LABEL)
+        self._public_key_spki = _signing_spki(token, state.current, certificates)
         self.key_id = key_id(serialization.load_der_public_key(self._public_key_spki))
-        self._issuer = Issuer(identity, self.key_id)
+        self.bundle = bundle  # the installed update bundle (Update PSC), verified at install
+        self._issuer = Issuer(identity, self.key_id, self._software_id())
 
     # -- lifetime ---------------------------------------------------------
 
@@ -91,8 +96,10 @@ class Meter:
         cls, token: Token, identity: DeviceIdentity, clock: Clock = system_clock
     ) -> Meter:
         """Generate the signing key and register MAC key in the token; registers at zero."""
-        token.generate_signing_keypair(SIGNING_KEY_LABEL, identity.algorithm)
-        token.generate_hmac_key(MAC_KEY_LABEL)
+        # Exportable where the token can wrap them, only under a trusted key (custodians'
+        # ceremonies, docs/custody.md); on other tokens they never leave it.
+        token.generate_signing_keypair(SIGNING_KEY_LABEL, identity.algorithm, exportable=True)
+        token.generate_hmac_key(MAC_KEY_LABEL, exportable=True)
         state = DeviceStateStore.create(token)
         RegisterStore.create(token, identity.device_serial, state.current.generation)
         store_identity(token, identity)
@@ -106,7 +113,8 @@ class Meter:
         pinned = registers.current
         state = DeviceStateStore.open(token, pinned.state_generation)
         certificates = _load_certificates(token, pinned.root_digest)
-        return cls(token, identity, registers, state, clock, certificates)
+        bundle = load_installed(token, state.current.psc_bundle_sha256)
+        return cls(token, identity, registers, state, clock, certificates, bundle)
 
     @property
     def registers(self) -> Registers:
@@ -213,6 +221,66 @@ class Meter:
         self._registers.commit(new)
         return new
 
+    def commit_reload_credit(self, new: Registers, before_sync: Callable[[], None]) -> None:
+        """Make a reload credit (``Registers.credit_reload`` of the current record) durable;
+        ``before_sync`` runs once its record is in the token (meter.psd.services_reload
+        keeps the signed receipt there), and is durable with it."""
+        self._require_certified()
+        current = self._registers.current
+        if new != current.credit_reload(
+            new.control_total - current.control_total, new.last_credit_id
+        ):
+            raise InvalidInput("a reload credit must be the current registers plus one credit")
+        self._registers.commit(new, before_sync=before_sync)
+
+    # -- software: Update PSC ----------------------------------------------
+
+    @property
+    def rate_table(self) -> RateTable | None:
+        """The installed bundle's rate table: the only one the device prices pieces by."""
+        return self.bundle.contents.rates if self.bundle is not None else None
+
+    def _software_id(self) -> int:
+        return self.state.psc_software_id or self.identity.software_id
+
+    def install_update(self, bundle: UpdateBundle) -> None:
+        """Verify an update bundle against this device's pinned postal root, provider, lineage
+        and installed release, then install it: its object first, then the state that pins
+        it (the commit point), then the old object goes (meter.psd.psc_store)."""
+        certs = self._require_certified()
+        state = self.state
+        installed = Installed(
+            self._software_id(),
+            state.psc_version,
+            self.identity.vendor_model,
+            self.identity.authorization_id,
+        )
+        verify_update(bundle, certs.root, self.now(), installed)
+        contents = bundle.contents
+        stage(self.token, bundle)
+        self.commit_state(
+            state.next(
+                psc_version=contents.version,
+                psc_history=(*state.psc_history, state.psc_version),
+                psc_software_id=contents.software_id,
+                psc_bundle_sha256=bundle.sha256,
+                psc_watchdog=contents.watchdog.to_json(),
+            )
+        )
+        retire(self.token, bundle.sha256)
+        self.bundle = bundle
+        self._issuer = Issuer(self.identity, self.key_id, contents.software_id)
+
+    def _require_not_revoked(self, now: datetime) -> None:
+        revoked = (
+            self.bundle.contents.revoked_at(self.identity.device_serial) if self.bundle else None
+        )
+        if revoked is not None and now >= revoked:
+            raise DeviceLocked(
+                f"device {self.identity.device_serial} is revoked since {revoked.isoformat()} "
+                "by the installed update bundle: it issues no more indicia"
+            )
+
     # -- issuing ----------------------------------------------------------
 
     def issue(
@@ -232,8 +300,10 @@ class Meter:
         self._require_certified()
         now = self.now()
         current = self._registers.current
+        self._require_not_revoked(now)
+        request = price_request(request, self.rate_table)
         checked = check_request(request, now, current)
-        new = current.debit(request.postage)
+        new = current.debit(checked.postage)
         unsigned = unsigned_indicium(self._issuer, request, now, new.piece, checked)
         signed_part = unsigned.signed_part()  # every field checked before anything changes
         # Signed before the debit exists: the indicium leaves this method only once the
@@ -272,11 +342,15 @@ class Meter:
         number = 0  # the piece being checked, for "piece N of the batch: ..."
         try:
             checked = []
+            self._require_not_revoked(now)
+            priced = []
             for request in requests:
                 number += 1
-                checked.append(check_request(request, now, current))
+                priced.append(price_request(request, self.rate_table))
+                checked.append(check_request(priced[-1], now, current))
+            requests = priced
             number = 0
-            after, carried = current.debit_batch([r.postage for r in requests])
+            after, carried = current.debit_batch([c.postage for c in checked])
             parts = []  # every field of every piece checked before anything is signed
             for request, check, piece in zip(requests, checked, carried, strict=True):
                 number += 1
@@ -291,7 +365,7 @@ class Meter:
         sign, label, algorithm = self.token.sign, SIGNING_KEY_LABEL, self.identity.algorithm
         batch = SignedBatch(
             tuple(part + sign(label, algorithm, part) for part in parts),
-            tuple(r.postage for r in requests),
+            tuple(c.postage for c in checked),
             carried[0].sequence,
             after,
         )
@@ -318,6 +392,21 @@ class Meter:
             "credit_pending": r.credit_nonce != bytes(16),
             "time": self.now().isoformat(),
         }
+
+
+def _signing_spki(token: Token, state: DeviceState, certificates: Certificates | None) -> bytes:
+    """The signing key's public half: from the token, or, once a withdrawal has destroyed
+    the key (docs/withdrawal.md), from the certificate so the records stay readable."""
+    if token.has_key(SIGNING_KEY_LABEL):
+        return token.public_key_spki(SIGNING_KEY_LABEL)
+    if certificates is None or (state.withdrawing_since is None and state.withdrawn_at is None):
+        raise RegisterCorrupt(
+            f"{token.where}: the signing key is missing but the device was never withdrawn; "
+            "the device must not operate"
+        )
+    return certificates.meter.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def _checked_provider(provider: x509.Certificate, root: x509.Certificate, at: datetime) -> int:

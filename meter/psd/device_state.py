@@ -23,24 +23,55 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from meter.errors import RegisterCorrupt
+from meter.protocol.watchdog import WatchdogThresholds
 from meter.psd.generations import Generations
 from meter.token import DataObject, Token
 
-__all__ = ["STATE_APPLICATION", "DeviceState", "DeviceStateStore"]
+__all__ = ["STATE_APPLICATION", "DeviceState", "DeviceStateStore", "InstalledPsc"]
 
 STATE_APPLICATION = "meter.state"
+
+
+@dataclass(frozen=True)
+class InstalledPsc:
+    """What Update PSC installed, as the MAC'd state records it."""
+
+    version: str
+    software_id: int
+    bundle_sha256: str
+    watchdog: WatchdogThresholds
 
 
 @dataclass(frozen=True)
 class DeviceState:
     generation: int = 1
     customer: str | None = None  # the customer account the provider authorized
+    # The provider-signed record that authorized it (canonical JSON, meter/protocol/authorization.py).
+    customer_authorization: str | None = None
     administration_authorized: bool = False  # may administrators manage users?
     signing_key_active: bool = True
     withdrawn_at: str | None = None  # ISO time; a withdrawn device never signs again
+    withdrawn_for: str | None = None  # the key ceremony that moved this device elsewhere
+    withdrawing_since: str | None = None  # Withdraw PSD began (meter time): issuing stops
+    last_audit_at: str | None = None  # meter time of the last provider-acknowledged audit
     clock_offset_s: int = 0  # Set Clock: meter time = host UTC clock + offset
     psc_version: str = "1.0.0"
     psc_history: tuple[str, ...] = field(default_factory=tuple)
+    # Update PSC: the installed update bundle (meter.psd.psc_store keeps its document,
+    # pinned here by SHA-256), its software id and the watchdog thresholds it carries.
+    psc_software_id: int | None = None
+    psc_bundle_sha256: str | None = None
+    psc_watchdog: dict[str, int] | None = None
+
+    @property
+    def update_bundle(self) -> InstalledPsc | None:
+        """The installed update bundle's figures, or None before the first Update PSC."""
+        if self.psc_bundle_sha256 is None or self.psc_software_id is None:
+            return None
+        watchdog = WatchdogThresholds.from_json(self.psc_watchdog, "installed watchdog")
+        return InstalledPsc(
+            self.psc_version, self.psc_software_id, self.psc_bundle_sha256, watchdog
+        )
 
     def body(self) -> bytes:
         data = asdict(self)

@@ -3,7 +3,8 @@
 `PSD` puts together the core (meter.psd.firmware_core: power, the service
 boundary, sessions, self-tests), the status reports (meter.psd.services_status)
 and the services, grouped by what they manage (meter.psd.services_admin,
-meter.psd.services_meter). The
+meter.psd.services_meter, meter.psd.services_withdrawal: device audit and
+Withdraw PSD). The
 device process (meter.psd.daemon) is the only one that holds a PSD; every
 user reaches it as a client of the device's socket.
 """
@@ -19,7 +20,9 @@ from meter.psd.firmware_core import (
     Session,
 )
 from meter.psd.services_admin import AdminServices, secrets_for
+from meter.psd.services_custody import CustodyServices
 from meter.psd.services_meter import MeterServices
+from meter.psd.services_reload import ReloadServices
 
 __all__ = [
     "AUDIT_KEY_LABEL",
@@ -33,5 +36,5 @@ __all__ = [
 ]
 
 
-class PSD(AdminServices, MeterServices):
+class PSD(AdminServices, MeterServices, CustodyServices, ReloadServices):
     """The firmware of one device over its token; one instance per device process."""

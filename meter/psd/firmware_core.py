@@ -43,10 +43,11 @@ from meter.psd.device import SIGNING_KEY_LABEL, Meter
 from meter.psd.device_state import DeviceState
 from meter.psd.host_session import Credential, HostBinding, Link, Peer
 from meter.psd.passwords import PasswordPolicy
-from meter.psd.register_store import RegisterStore
+from meter.psd.register_store import MAC_KEY_LABEL, RegisterStore
 from meter.psd.roles import MATRIX, Role, Service, allowed
 from meter.psd.selftest import SelfTestReport, run_self_tests
 from meter.psd.users import UserInfo, UserStore
+from meter.psd.watchdog import watchdog_of
 from meter.token import KatResult, KeyAlgorithm, Token
 
 __all__ = [
@@ -296,6 +297,12 @@ class FirmwareCore:
             raise DeviceLocked(
                 f"the device was withdrawn at {withdrawn}; {service.display} is refused"
             )
+        withdrawing = self._device_state().withdrawing_since
+        if withdrawing is not None and service in _WITHDRAWN_REFUSES - {Service.WITHDRAW_PSD}:
+            raise DeviceLocked(
+                f"a withdrawal of the device began at {withdrawing}; {service.display} is "
+                "refused (the provider completes the withdrawal with Withdraw PSD)"
+            )
 
     def _record(
         self,
@@ -369,6 +376,12 @@ class FirmwareCore:
         self._open_device()
         self._seal()
         result: dict[str, Any] = {"session": self.session_info()}
+        watchdog = watchdog_of(self._meter, self.meter_now())
+        if watchdog is not None and watchdog.warning is not None:
+            # Every logon says it, and the audit log keeps that it was said.
+            result["watchdog"] = watchdog.to_json()
+            user_caller = Caller(user.user_id, user.role)
+            self._record(user_caller, "watchdog", watchdog.level.value, watchdog.to_json())
         if credential is not None:
             result |= {"session_id": credential.session_id, "session_secret": credential.secret}
         return result
@@ -439,7 +452,8 @@ class FirmwareCore:
         try:
             self._meter = (
                 Meter.open(self.token, self.meter_now)
-                if self.token.has_key(SIGNING_KEY_LABEL)
+                # A withdrawn device has no signing key but keeps its MAC'd records.
+                if self.token.has_key(SIGNING_KEY_LABEL) or self.token.has_key(MAC_KEY_LABEL)
                 else None
             )
         except MeterError as exc:
@@ -464,7 +478,11 @@ class FirmwareCore:
         meter = self._meter
         report = run_self_tests(
             self.token,
-            signing_label=SIGNING_KEY_LABEL if meter is not None else None,
+            signing_label=(
+                SIGNING_KEY_LABEL
+                if meter is not None and self.token.has_key(SIGNING_KEY_LABEL)
+                else None  # none yet, or destroyed by a withdrawal
+            ),
             algorithm=meter.identity.algorithm if meter is not None else None,
             public_key_spki=_certified_spki(meter) if meter is not None else None,
             register_check=(

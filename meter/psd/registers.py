@@ -188,6 +188,29 @@ class Registers:
             last_credit_id=credit_id,
         )
 
+    def credit_reload(self, amount: int, credit_id: bytes) -> Registers:
+        """Add ``amount`` mills for reload transaction ``credit_id`` (meter.psd.services_reload).
+
+        The reload protocol binds its grant to the session's nonce, which the device checks
+        in memory (a session never outlives the device process); the outstanding nonce of
+        a local credit request, if any, stays as it is.
+        """
+        if amount <= 0:
+            raise InvalidInput(f"credit amount must be positive (got {amount} mills)")
+        if len(credit_id) != 16 or credit_id == NO_NONCE:
+            raise InvalidInput("a transaction id is 16 bytes, not all zero")
+        if credit_id == self.last_credit_id:
+            raise InvalidInput(f"transaction {credit_id.hex()} is applied already")
+        if self.control_total + amount > _MAX_REGISTER:
+            raise InvalidInput(f"device {self.device_serial}: control total would overflow")
+        return replace(
+            self,
+            generation=self.generation + 1,
+            descending=self.descending + amount,
+            control_total=self.control_total + amount,
+            last_credit_id=credit_id,
+        )
+
     def body(self) -> bytes:
         return struct.pack(
             _FORMAT,

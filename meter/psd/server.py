@@ -31,24 +31,35 @@ from meter.errors import InvalidInput, MeterError, ProtocolError
 from meter.indicium import Indicium
 from meter.protocol.batch import MAX_BATCH_REQUEST_BYTES
 from meter.protocol.credit import CreditGrant
+from meter.protocol.device_audit import AuditAcknowledgement, nonce_from_hex
 from meter.psd.device import SignedBatch
 from meter.psd.firmware import PSD
 from meter.psd.host_session import Credential, Peer
 from meter.psd.server_bodies import (
+    AcknowledgementBody,
     AuthorizationBody,
     BatchBody,
     Body,
+    BundleBody,
+    CeremonyBody,
+    CeremonyExportBody,
+    CeremonyImportBody,
+    CeremonyTranscriptBody,
     CertificatesBody,
     ClockBody,
     CustomerBody,
+    DeviceAuditBody,
     GrantBody,
     IssueBody,
     KeyAdministrationBody,
     LogonBody,
     ModifyUserBody,
     PasswordBody,
+    ReloadBeginBody,
+    ReloadCertificateBody,
+    ReloadMessageBody,
     UserBody,
-    VersionBody,
+    WithdrawBody,
 )
 
 __all__ = [
@@ -179,8 +190,17 @@ def create_device_app(firmware: FirmwareThread) -> FastAPI:
         return await run(request, PSD.retrieve_psd_public_key)
 
     @app.post("/v1/device-audit", summary="Request Device Audit (No-Role)")
-    async def device_audit(request: Request) -> dict[str, Any]:
-        return await run(request, PSD.request_device_audit)
+    async def device_audit(request: Request, body: DeviceAuditBody | None = None) -> dict[str, Any]:
+        nonce = nonce_from_hex(body.nonce_hex) if body and body.nonce_hex is not None else None
+        return await run(request, lambda p: p.request_device_audit(nonce))
+
+    @app.post(
+        "/v1/device-audit/acknowledgement",
+        summary="Request Device Audit (No-Role): the provider's signed acknowledgement",
+    )
+    async def device_audit_ack(request: Request, body: AcknowledgementBody) -> dict[str, Any]:
+        ack = AuditAcknowledgement.from_json(body.acknowledgement, "the acknowledgement")
+        return await run(request, lambda p: p.acknowledge_device_audit(ack))
 
     # -- users
     @app.get("/v1/users", summary="View Users")
@@ -219,8 +239,9 @@ def create_device_app(firmware: FirmwareThread) -> FastAPI:
         return await run(request, PSD.create_audit_key)
 
     @app.post("/v1/psc", summary="Update PSC (Security Officer)")
-    async def update_psc(request: Request, body: VersionBody) -> dict[str, Any]:
-        return await run(request, lambda p: p.update_psc(body.version))
+    async def update_psc(request: Request, body: BundleBody) -> dict[str, Any]:
+        bundle = body.bundle.encode("utf-8")
+        return await run(request, lambda p: p.update_psc(bundle))
 
     @app.post("/v1/clock", summary="Set Clock (Administrator)")
     async def set_clock(request: Request, body: ClockBody) -> dict[str, Any]:
@@ -234,7 +255,7 @@ def create_device_app(firmware: FirmwareThread) -> FastAPI:
 
     @app.post("/v1/customer", summary="Authorize Customer (Provider)")
     async def authorize_customer(request: Request, body: CustomerBody) -> dict[str, Any]:
-        return await run(request, lambda p: p.authorize_customer(body.customer))
+        return await run(request, lambda p: p.authorize_customer(body.authorization))
 
     @app.post("/v1/credit/request", summary="Download Postage Value (Provider): the request")
     async def credit_request(request: Request) -> dict[str, Any]:
@@ -249,9 +270,43 @@ def create_device_app(firmware: FirmwareThread) -> FastAPI:
             raise ProtocolError("the credit grant is not hex") from exc
         return await run(request, lambda p: p.apply_credit(grant))
 
-    @app.post("/v1/withdraw", summary="Withdraw PSD (Provider)")
-    async def withdraw(request: Request) -> dict[str, Any]:
-        return await run(request, PSD.withdraw_psd)
+    @app.post("/v1/reload/begin", summary="Download Postage Value (Provider): reload, the hello")
+    async def reload_begin(request: Request, body: ReloadBeginBody) -> dict[str, Any]:
+        return await run(request, lambda p: p.reload_begin(body.amount))
+
+    @app.post("/v1/reload/next", summary="Download Postage Value (Provider): reload, next message")
+    async def reload_next(request: Request, body: ReloadMessageBody) -> dict[str, Any]:
+        try:
+            message = bytes.fromhex(body.message_hex)
+        except ValueError as exc:
+            raise ProtocolError("the reload message is not hex") from exc
+        return await run(request, lambda p: p.reload_next(message))
+
+    @app.post("/v1/reload/cancel", summary="Download Postage Value (Provider): end the reload")
+    async def reload_cancel(request: Request) -> dict[str, Any]:
+        return await run(request, PSD.reload_cancel)
+
+    @app.post("/v1/reload/key", summary="Authorize PSD (Certificate Authority): the reload key")
+    async def reload_key(request: Request) -> dict[str, Any]:
+        return await run(request, PSD.reload_key)
+
+    @app.post(
+        "/v1/reload/certificate",
+        summary="Authorize PSD (Certificate Authority): the reload key's certificate",
+    )
+    async def reload_certificate(request: Request, body: ReloadCertificateBody) -> dict[str, Any]:
+        pem = body.certificate_pem.encode()
+        return await run(request, lambda p: p.install_reload_certificate(pem))
+
+    @app.post("/v1/withdraw", summary="Withdraw PSD (Provider): final audit, then keys")
+    async def withdraw(request: Request, body: WithdrawBody | None = None) -> dict[str, Any]:
+        nonce = nonce_from_hex(body.nonce_hex) if body and body.nonce_hex is not None else None
+        ack = (
+            AuditAcknowledgement.from_json(body.acknowledgement, "the acknowledgement")
+            if body and body.acknowledgement is not None
+            else None
+        )
+        return await run(request, lambda p: p.withdraw_psd(nonce, ack))
 
     # -- customer, key custodian
     @app.post("/v1/indicia", summary="Create Indicium / Create Correction Indicium (Customer)")
@@ -275,6 +330,39 @@ def create_device_app(firmware: FirmwareThread) -> FastAPI:
     @app.post("/v1/key-exchange", summary="Key Exchange (Key Custodian)")
     async def key_exchange(request: Request) -> dict[str, Any]:
         return await run(request, PSD.key_exchange)
+
+    # -- key ceremonies (docs/custody.md): the Security Officer's and the Key Custodians'
+    @app.post("/v1/ceremony/authorize", summary="Key Administration (Security Officer): a ceremony")
+    async def ceremony_authorize(request: Request, body: CeremonyBody) -> dict[str, Any]:
+        return await run(
+            request,
+            lambda p: p.ceremony_authorize(body.ceremony, body.purpose, body.postal_root_sha256),
+        )
+
+    @app.post("/v1/ceremony/export", summary="Key Exchange (Key Custodian): wrap the keys")
+    async def ceremony_export(request: Request, body: CeremonyExportBody) -> dict[str, Any]:
+        key = _transport_key(body.transport_key_hex)
+        return await run(request, lambda p: p.ceremony_export_keys(body.ceremony, key))
+
+    @app.post("/v1/ceremony/finish-move", summary="Key Administration (Security Officer): move")
+    async def ceremony_finish(request: Request, body: CeremonyTranscriptBody) -> dict[str, Any]:
+        return await run(
+            request, lambda p: p.ceremony_finish_move(body.ceremony, dict(body.transcript))
+        )
+
+    @app.post("/v1/ceremony/transcript", summary="Key Exchange (Key Custodian): the transcript")
+    async def ceremony_transcript(request: Request, body: CeremonyTranscriptBody) -> dict[str, Any]:
+        return await run(
+            request, lambda p: p.ceremony_sign_transcript(body.ceremony, dict(body.transcript))
+        )
+
+    @app.post("/v1/ceremony/import", summary="Key Exchange (Key Custodian): unwrap and check")
+    async def ceremony_import(request: Request, body: CeremonyImportBody) -> dict[str, Any]:
+        key = _transport_key(body.transport_key_hex)
+        return await run(
+            request,
+            lambda p: p.ceremony_import_keys(dict(body.bundle), key, dict(body.final_registers)),
+        )
 
     # -- auditor
     @app.get("/v1/audit-key", summary="Export Audit Key (Auditor)")
@@ -351,6 +439,13 @@ def _fields(indicium: Indicium) -> dict[str, Any]:
         k: v if isinstance(v, int | str | bool) or v is None else str(v)
         for k, v in indicium.fields().items()
     }
+
+
+def _transport_key(text: str) -> bytes:
+    try:
+        return bytes.fromhex(text)
+    except ValueError as exc:
+        raise InvalidInput("the transport key is not 64 hex digits") from exc
 
 
 def _peer(scope: Scope) -> Peer | None:

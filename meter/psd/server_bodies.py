@@ -4,12 +4,14 @@ unknown field is an error, not ignored. The routes are in server.py."""
 from __future__ import annotations
 
 from datetime import date, datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from meter.errors import InvalidInput
 from meter.indicium import RateCategory
 from meter.protocol.batch import MAX_BATCH_PIECES
+from meter.protocol.update_bundle import MAX_BUNDLE_BYTES
 from meter.psd.device import IssueRequest
 from meter.psd.roles import Role
 
@@ -47,8 +49,11 @@ class AuthorizationBody(Body):
     authorize: StrictBool = True
 
 
-class VersionBody(Body):
-    version: str = Field(max_length=32)
+class BundleBody(Body):
+    bundle: str = Field(
+        max_length=MAX_BUNDLE_BYTES,
+        description="the update bundle's JSON document (pim-psc-bundle-v1), as text",
+    )
 
 
 class ClockBody(Body):
@@ -62,17 +67,34 @@ class CertificatesBody(Body):
 
 
 class CustomerBody(Body):
-    customer: str = Field(max_length=64)
+    # The provider-signed record (meter/protocol/authorization.py), checked by the service.
+    authorization: dict[str, Any] = Field(
+        description="the provider's signed customer authorization, as its JSON object"
+    )
 
 
 class GrantBody(Body):
     grant_hex: str = Field(max_length=1024)
 
 
+class ReloadBeginBody(Body):
+    amount: StrictInt = Field(description="mills (1/10 cent) to reload")
+
+
+class ReloadMessageBody(Body):
+    message_hex: str = Field(max_length=2 * 64 * 1024, description="the provider's message")
+
+
+class ReloadCertificateBody(Body):
+    certificate_pem: str = Field(max_length=16384)
+
+
 class IssueBody(Body):
     # Strict: JSON true or "550" must not become a postage (pydantic's lax mode would
     # take them for 1 and 550 mills and a piece would be issued).
-    postage: StrictInt = Field(description="mills (1/10 cent)")
+    postage: StrictInt | None = Field(
+        default=None, description="mills (1/10 cent); leave out to price by weight"
+    )
     rate_category: str = Field(max_length=32, description="slug, e.g. first-class-letter")
     origin_zip: str = Field(max_length=16)
     destination_zip: str = Field(max_length=16)
@@ -82,6 +104,9 @@ class IssueBody(Body):
     date_of_mailing: date | None = None
     specimen: StrictBool = False
     correction_of: StrictInt | None = None
+    weight: str | None = Field(
+        default=None, max_length=16, description='e.g. "1oz", "2.5lb": priced by the rate table'
+    )
 
     def issue_request(self) -> IssueRequest:
         if any(len(line) > 256 for line in self.address):
@@ -97,6 +122,7 @@ class IssueBody(Body):
             date_of_mailing=self.date_of_mailing,
             specimen=self.specimen,
             correction_of=self.correction_of,
+            weight=self.weight,
         )
 
 
@@ -117,3 +143,46 @@ class BatchBody(Body):
 
 
 # -- the app -----------------------------------------------------------------------
+
+
+class DeviceAuditBody(Body):
+    # The provider's nonce, 16-32 bytes as hex; without it the audit is the unsigned check.
+    nonce_hex: str | None = Field(default=None, max_length=64)
+
+
+class AcknowledgementBody(Body):
+    # Checked member by member by meter.protocol.device_audit.AuditAcknowledgement.
+    acknowledgement: dict[str, object]
+
+
+class WithdrawBody(Body):
+    # Step 1: the provider's nonce; step 3: the provider's withdrawal acknowledgement.
+    nonce_hex: str | None = Field(default=None, max_length=64)
+    acknowledgement: dict[str, object] | None = None
+
+
+# -- key ceremonies (meter/psd/services_custody.py, docs/custody.md) ----------------
+
+
+class CeremonyBody(Body):
+    ceremony: str = Field(max_length=64)
+    purpose: str = Field(max_length=32)
+    postal_root_sha256: str | None = Field(
+        default=None, max_length=64, description="an import: the postal root it trusts"
+    )
+
+
+class CeremonyExportBody(Body):
+    ceremony: str = Field(max_length=64)
+    transport_key_hex: str = Field(min_length=64, max_length=64)
+
+
+class CeremonyTranscriptBody(Body):
+    ceremony: str = Field(max_length=64)
+    transcript: dict[str, object]
+
+
+class CeremonyImportBody(Body):
+    bundle: dict[str, object]
+    transport_key_hex: str = Field(min_length=64, max_length=64)
+    final_registers: dict[str, object]

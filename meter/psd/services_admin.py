@@ -3,22 +3,22 @@ software administration (Security Officer), the clock, and the audit log (Audito
 
 from __future__ import annotations
 
-import re
+import hashlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
 from meter.errors import DeviceLocked, InvalidInput
+from meter.protocol.update_bundle import UpdateBundle
 from meter.psd.audit import AuditRecord, audit_key_id
 from meter.psd.firmware_core import AUDIT_KEY_LABEL
 from meter.psd.roles import Role, Service
-from meter.psd.services_status import StatusServices
+from meter.psd.services_status import StatusServices, psc_status
 
 __all__ = ["AdminServices", "secrets_for"]
 
 MAX_CLOCK_STEP = timedelta(days=366)
-_VERSION = re.compile(r"(\d{1,4})\.(\d{1,4})\.(\d{1,4})")
 _ARCHIVES = "archives"
 
 
@@ -128,7 +128,7 @@ class AdminServices(StatusServices):
         with self._service(Service.CREATE_AUDIT_KEY) as out:
             # ECDSA P-256 where the token has EC, else RSA-PSS-2048 (openCryptoki's soft token).
             algorithm = self.token.audit_algorithm()
-            spki = self.token.generate_signing_keypair(AUDIT_KEY_LABEL, algorithm)
+            spki = self.token.generate_signing_keypair(AUDIT_KEY_LABEL, algorithm, exportable=True)
             self.token.make_durable()
             public = serialization.load_der_public_key(spki)
             out["key_id"] = audit_key_id(public).hex()
@@ -136,19 +136,24 @@ class AdminServices(StatusServices):
         self._seal()
         return {"key_id": out["key_id"], "algorithm": out["algorithm"]}
 
-    def update_psc(self, version: str) -> dict[str, Any]:
-        """Record a new firmware version (newer only); signed packages belong to a later issue."""
-        with self._service(Service.UPDATE_PSC, version=version):
+    def update_psc(self, bundle: bytes) -> dict[str, Any]:
+        """Install a provider-signed update bundle (docs/updates.md): checked against the
+        device's pinned postal root, its provider, its lineage and the installed release.
+        Every refusal is audited (the record names the bundle and the reason) and changes
+        nothing."""
+        digest = hashlib.sha256(bundle).hexdigest()
+        with self._service(Service.UPDATE_PSC, bundle_sha256=digest, size=len(bundle)) as out:
             meter = self._require_meter()
-            state = meter.state
-            new, old = _version(version), _version(state.psc_version)
-            if new <= old:
-                raise InvalidInput(
-                    f"version {version} is not newer than the installed {state.psc_version}"
-                )
-            history = (*state.psc_history, state.psc_version)
-            meter.commit_state(state.next(psc_version=version, psc_history=history))
-        return {"psc_version": version}
+            parsed = UpdateBundle.from_bytes(bundle)
+            contents = parsed.contents
+            out.update(
+                version=contents.version,
+                software_id=contents.software_id,
+                installed_version=meter.state.psc_version,
+            )
+            meter.install_update(parsed)
+            out["bundle_sha256"] = parsed.sha256  # of its canonical form, as status shows it
+        return psc_status(meter.state, meter)
 
     # -- administrator: Set Clock --------------------------------------------
 
@@ -219,11 +224,3 @@ class AdminServices(StatusServices):
         with self._service(Service.DELETE_AUDIT_RECORDS) as out:
             out["deleted"] = self.audit.delete_archived()
         return {"deleted": out["deleted"]}
-
-
-def _version(text: str) -> tuple[int, int, int]:
-    match = _VERSION.fullmatch(text)
-    if match is None:
-        raise InvalidInput(f"software version '{text}' must be MAJOR.MINOR.PATCH")
-    major, minor, patch = (int(g) for g in match.groups())
-    return major, minor, patch

@@ -5,30 +5,34 @@ No-Role reports (public key, device audit) and the Customer's PSD status."""
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from meter.errors import DeviceLocked, InvalidInput
+from meter.errors import DeviceLocked, InvalidInput, ProtocolError
 from meter.indicium import Indicium, key_id
+from meter.protocol.authorization import CustomerAuthorization
 from meter.protocol.batch import require_pieces
 from meter.protocol.credit import CreditGrant, CreditRequest
 from meter.psd.device import IssueRequest, Meter, SignedBatch
 from meter.psd.firmware_core import KEY_EXCHANGE_LABEL
 from meter.psd.registers import Registers
 from meter.psd.roles import Service
-from meter.psd.services_status import StatusServices
+from meter.psd.services_reload import keep_last_receipt
+from meter.psd.services_withdrawal import AuditServices
 
 __all__ = ["MeterServices"]
 
-_CUSTOMER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# A provider's clock may run a little ahead of the meter's; more is refused, since a record
+# from the future would make every later one "older".
+_AUTHORIZATION_SKEW = timedelta(hours=1)
 
 
-class MeterServices(StatusServices):
+class MeterServices(AuditServices):
     # -- certificate authority: Authorize PSD ----------------------------------
 
     def authorize_psd(
@@ -47,15 +51,40 @@ class MeterServices(StatusServices):
 
     # -- provider: Authorize Customer, Download Postage Value, Withdraw PSD ---
 
-    def authorize_customer(self, customer: str) -> dict[str, Any]:
-        with self._service(Service.AUTHORIZE_CUSTOMER, customer=customer):
-            if not _CUSTOMER_ID.fullmatch(customer):
-                raise InvalidInput(
-                    f"customer account '{customer}' must be 1-64 letters, digits, . _ -"
-                )
+    def authorize_customer(self, authorization: Any) -> dict[str, Any]:
+        """Authorize Customer (Provider): install the provider-signed record binding a
+        customer account to this meter (meter/protocol/authorization.py), as JSON text or
+        object. It must verify under the provider certificate pinned at Authorize PSD, name
+        this device, and be no older than the record installed before."""
+        with self._service(Service.AUTHORIZE_CUSTOMER) as out:
+            source = "customer authorization"
+            record = CustomerAuthorization.from_json(authorization, source)
+            out.update(customer=record.customer, issued_at=record.issued_at.isoformat())
             meter = self._require_meter()
-            meter.commit_state(meter.state.next(customer=customer))
-        return {"customer": customer}
+            if meter.certificates is None:
+                raise DeviceLocked("no provider is pinned yet: Authorize PSD first")
+            record.verify(meter.certificates.provider, meter.identity.device_serial, source)
+            held = meter.state.customer_authorization
+            if held is not None:
+                installed = CustomerAuthorization.from_json(held, "installed " + source)
+                if record.issued_at < installed.issued_at:
+                    raise ProtocolError(
+                        f"{source} issued {record.issued_at.isoformat()} is older than the one "
+                        f"installed ({installed.issued_at.isoformat()}): a replayed record"
+                    )
+            if record.issued_at > self.meter_now() + _AUTHORIZATION_SKEW:
+                raise ProtocolError(
+                    f"{source} is issued {record.issued_at.isoformat()}, in the future of this "
+                    f"meter's clock ({self.meter_now().isoformat()}): check the clocks"
+                )
+            meter.commit_state(
+                meter.state.next(customer=record.customer, customer_authorization=record.to_text())
+            )
+        return {
+            "customer": record.customer,
+            "authorization_id": record.authorization_id,
+            "issued_at": record.issued_at.isoformat(),
+        }
 
     def request_credit(self) -> CreditRequest:
         """Download Postage Value, first half: a fresh nonce, durable, in a credit request."""
@@ -69,7 +98,9 @@ class MeterServices(StatusServices):
         with self._service(
             Service.DOWNLOAD_POSTAGE_VALUE, step="apply", transaction_id=grant.transaction_id.hex()
         ) as out:
-            registers = self._require_meter().apply_credit(grant)
+            meter = self._require_meter()
+            keep_last_receipt(self.token, meter)  # a reload's evidence outlives this credit
+            registers = meter.apply_credit(grant)
             out.update(
                 amount=grant.amount, ascending=registers.ascending, descending=registers.descending
             )
@@ -81,28 +112,14 @@ class MeterServices(StatusServices):
         """Both halves at once, with ``obtain`` getting the provider's grant in between."""
         return self.apply_credit(obtain(self.request_credit()))
 
-    def withdraw_psd(self) -> dict[str, Any]:
-        """Take the device out of service for good; the final registers go to the provider."""
-        with self._service(Service.WITHDRAW_PSD) as out:
-            meter = self._require_meter()
-            at = self.meter_now().isoformat()
-            meter.commit_state(meter.state.next(withdrawn_at=at, signing_key_active=False))
-            r = meter.registers
-            out.update(ascending=r.ascending, descending=r.descending, piece_count=r.sequence)
-        return {
-            "withdrawn_at": at,
-            "ascending": r.ascending,
-            "descending": r.descending,
-            "piece_count": r.sequence,
-            "device_serial": meter.identity.device_serial,
-        }
-
     # -- customer: Create Indicium, Create Correction Indicium ------------------
 
     def create_indicium(self, request: IssueRequest) -> Indicium:
         if request.correction_of is not None:
             raise InvalidInput("a correction is Create Correction Indicium, not Create Indicium")
-        with self._service(Service.CREATE_INDICIUM, audit_ok=False, postage=request.postage) as out:
+        with self._service(
+            Service.CREATE_INDICIUM, audit_ok=False, postage=request.postage, weight=request.weight
+        ) as out:
             return self._issue(Service.CREATE_INDICIUM, request, out)
 
     def create_correction_indicium(self, request: IssueRequest, original: int) -> Indicium:
@@ -123,7 +140,7 @@ class MeterServices(StatusServices):
         The Customer's service, with Create Indicium's checks; its one audit record names
         the sequences, each piece's postage and a digest of the indicia released.
         """
-        total = sum(r.postage for r in requests)
+        total = sum(r.postage or 0 for r in requests)  # before pricing; the record has each
         with self._service(
             Service.CREATE_INDICIUM_BATCH, audit_ok=False, pieces=len(requests), postage=total
         ) as out:
@@ -137,7 +154,7 @@ class MeterServices(StatusServices):
                     f"piece {correction} of the batch: a correction is Create Correction "
                     "Indicium, one piece at a time, not part of a batch"
                 )
-            meter = self._ready_to_issue()
+            meter = self._ready_to_issue(Service.CREATE_INDICIUM_BATCH)
 
             def record(batch: SignedBatch) -> None:
                 _audit_batch(out, batch)
@@ -147,7 +164,7 @@ class MeterServices(StatusServices):
 
     def _issue(self, service: Service, request: IssueRequest, out: dict[str, Any]) -> Indicium:
         """The debit, the signature and the audit record, all durable before the return."""
-        meter = self._ready_to_issue()
+        meter = self._ready_to_issue(service)
 
         def record(indicium: Indicium) -> None:
             _audit_indicium(out, indicium)
@@ -155,8 +172,9 @@ class MeterServices(StatusServices):
 
         return meter.issue(request, record=record, also_durable=self._audit_sync)
 
-    def _ready_to_issue(self) -> Meter:
+    def _ready_to_issue(self, service: Service) -> Meter:
         meter = self._require_meter()
+        self._watchdog_allows(service)  # the inspection watchdog (docs/withdrawal.md)
         if meter.state.customer is None:
             raise DeviceLocked("no customer is authorized on this device (Authorize Customer)")
         if not meter.state.signing_key_active:
@@ -217,26 +235,7 @@ class MeterServices(StatusServices):
             out["key_id"] = result["key_id"]
         return result
 
-    def request_device_audit(self) -> dict[str, Any]:
-        """Request Device Audit (No-Role): rerun the self-tests; report the device's figures."""
-        with self._service(Service.REQUEST_DEVICE_AUDIT) as out:
-            if self.unlocked:
-                self._open_device()  # reread the records, then the full self-tests
-                report = self.self_tests
-                assert report is not None
-            else:
-                report = self._run_self_tests("on-demand")
-            status = self._status()
-            out["self_tests_passed"] = report.passed
-            if status["registers"] is not None:
-                out["registers"] = status["registers"]
-        return {
-            "self_tests": report.to_json(),
-            "module_state": status["module_state"],
-            "registers": status["registers"],
-            "device_serial": status["device_serial"],
-            "time": status["time"],
-        }
+    # Request Device Audit and Withdraw PSD: meter.psd.services_withdrawal.
 
 
 def _credited(grant: CreditGrant, registers: Registers) -> dict[str, Any]:

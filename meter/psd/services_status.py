@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from meter.psd.device import SIGNING_KEY_LABEL
+from meter.psd.device import SIGNING_KEY_LABEL, Meter
 from meter.psd.device_state import DeviceState
 from meter.psd.firmware_core import AUDIT_KEY_LABEL, KEY_EXCHANGE_LABEL, FirmwareCore, ModuleState
 from meter.psd.register_store import MAC_KEY_LABEL
 from meter.psd.roles import Service
+from meter.psd.watchdog import watchdog_of
 
-__all__ = ["StatusServices"]
+__all__ = ["StatusServices", "psc_status"]
 
 
 class StatusServices(FirmwareCore):
@@ -41,6 +42,7 @@ class StatusServices(FirmwareCore):
         caller = self.caller()
         state = self._device_state()
         meter = self._meter
+        watchdog = watchdog_of(meter, self.meter_now())  # the inspection watchdog's warning
         registers = None
         if meter is not None and caller.user_id is not None:
             r = meter.registers
@@ -63,7 +65,11 @@ class StatusServices(FirmwareCore):
             "customer": state.customer,
             "administration_authorized": state.administration_authorized,
             "psc_version": state.psc_version,
+            "psc": psc_status(state, meter),
             "withdrawn_at": state.withdrawn_at,
+            "withdrawing_since": state.withdrawing_since,
+            "last_audit_at": state.last_audit_at,
+            "watchdog": None if watchdog is None else watchdog.to_json(),
             "time": self.meter_now().isoformat(),
             "clock_offset_s": state.clock_offset_s,
             "self_tests": self.self_tests.to_json() if self.self_tests else None,
@@ -90,3 +96,21 @@ class StatusServices(FirmwareCore):
             keys[label] = {"present": True, **attributes}
         keys[SIGNING_KEY_LABEL]["state"] = "active" if state.signing_key_active else "inactive"
         return keys
+
+
+def psc_status(state: DeviceState, meter: Meter | None) -> dict[str, Any]:
+    """The installed software (Update PSC): version, the software id every indicium prints,
+    the installed bundle's SHA-256, its rate table and watchdog thresholds."""
+    installed = state.update_bundle
+    bundle = meter.bundle if meter is not None else None
+    software_id = installed.software_id if installed is not None else None
+    if software_id is None and meter is not None:
+        software_id = meter.identity.software_id
+    return {
+        "version": state.psc_version,
+        "software_id": software_id,
+        "bundle_sha256": installed.bundle_sha256 if installed is not None else None,
+        "rate_table": bundle.contents.rates.name if bundle is not None else None,
+        "watchdog": installed.watchdog.to_json() if installed is not None else None,
+        "history": list(state.psc_history),
+    }

@@ -296,16 +296,27 @@ class Token:
 
     # -- keys -------------------------------------------------------------
 
-    def _private_template(self, label: str) -> dict[Attribute, Any]:
-        return {
+    def _private_template(self, label: str, exportable: bool = False) -> dict[Attribute, Any]:
+        # Exportable keys leave only wrapped, and only under a key the token's SO marked
+        # CKA_TRUSTED (meter/token/wrapping.py); CKA_WRAP_WITH_TRUSTED cannot be cleared.
+        template = {
             Attribute.TOKEN: True,
             Attribute.PRIVATE: True,
             Attribute.SENSITIVE: True,
-            Attribute.EXTRACTABLE: False,
+            Attribute.EXTRACTABLE: exportable,
             Attribute.SIGN: True,
             Attribute.LABEL: label,
             Attribute.ID: label.encode(),
         }
+        if exportable:  # only then: a token without key wrap may not know the attribute
+            template[Attribute.WRAP_WITH_TRUSTED] = True
+        return template
+
+    def can_export(self, algorithm: KeyAlgorithm | None) -> bool:
+        """Can this token wrap such a key (None: a secret key) for a custodians' ceremony?"""
+        if not self.can("aes_key_wrap_pad"):
+            return False
+        return algorithm is not KeyAlgorithm.ED25519 or self.can("wrap_ed25519_private")
 
     def _public_template(self, label: str) -> dict[Attribute, Any]:
         # The public half is private to the token's user too: nobody without the PIN
@@ -318,16 +329,25 @@ class Token:
             Attribute.ID: label.encode(),
         }
 
-    def generate_signing_keypair(self, label: str, algorithm: KeyAlgorithm) -> bytes:
-        """Generate a non-extractable signing key pair in the token; return the public SPKI DER."""
-        return self._generate_keypair(label, algorithm, derive=False)
+    def generate_signing_keypair(
+        self, label: str, algorithm: KeyAlgorithm, *, exportable: bool = False
+    ) -> bytes:
+        """Generate a signing key pair in the token; return the public SPKI DER.
 
-    def _generate_keypair(self, label: str, algorithm: KeyAlgorithm, *, derive: bool) -> bytes:
+        Non-extractable, unless ``exportable`` and the token can wrap it (`can_export`):
+        then extractable only under a trusted key (CKA_WRAP_WITH_TRUSTED).
+        """
+        export = exportable and self.can_export(algorithm)
+        return self._generate_keypair(label, algorithm, derive=False, exportable=export)
+
+    def _generate_keypair(
+        self, label: str, algorithm: KeyAlgorithm, *, derive: bool, exportable: bool = False
+    ) -> bytes:
         """A key pair for signing, or with ``derive`` for key agreement only."""
         if self.has_key(label):
             raise TokenError(f"{self.where}: a key labelled '{label}' exists already")
         pub_t = self._public_template(label)
-        priv_t = self._private_template(label)
+        priv_t = self._private_template(label, exportable)
         if derive:
             # Explicitly not for signatures: SoftHSM2 defaults CKA_SIGN to true.
             pub_t[Attribute.VERIFY] = priv_t[Attribute.SIGN] = False
@@ -413,8 +433,10 @@ class Token:
         self.require("ecdh_derive", "Key Exchange (the custodians' ECDH P-256 key)")
         return self._generate_keypair(label, KeyAlgorithm.ECDSA_P256, derive=True)
 
-    def generate_hmac_key(self, label: str) -> None:
-        """A 256-bit HMAC-SHA-256 key, generated in the token, sensitive and not extractable."""
+    def generate_hmac_key(self, label: str, *, exportable: bool = False) -> None:
+        """A 256-bit HMAC-SHA-256 key, generated in the token, sensitive and not extractable
+        (with ``exportable``, where the token can wrap it: only under a trusted key)."""
+        export = exportable and self.can_export(None)
         if self.has_key(label):
             raise TokenError(f"{self.where}: a key labelled '{label}' exists already")
         with self._call(f"generate HMAC key '{label}'") as s:
@@ -429,10 +451,11 @@ class Token:
                     Attribute.TOKEN: True,
                     Attribute.PRIVATE: True,
                     Attribute.SENSITIVE: True,
-                    Attribute.EXTRACTABLE: False,
+                    Attribute.EXTRACTABLE: export,
                     Attribute.SIGN: True,
                     Attribute.VERIFY: True,
-                },
+                }
+                | ({Attribute.WRAP_WITH_TRUSTED: True} if export else {}),
             )
 
     def hmac(self, label: str, data: bytes) -> bytes:
