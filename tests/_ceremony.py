@@ -7,9 +7,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from _card_readers import READERS, Readers
 from _openpgp_card import OpenPGPApplet
 from conftest import ROLE_USERS, TEST_POLICY
-from test_custody_card import READERS, Readers
 
 from meter.cli.ceremony_cli import init_target_home
 from meter.cli.home import Home

@@ -2,63 +2,26 @@
 
 Run as ``python tests/_crash_withdrawal.py HOME POINT N``: the device SIGKILLs itself the
 N-th time it reaches POINT of a token or audit operation, counted from the first Withdraw
-PSD call on. As in tests/_crash_device.py, the wrapping lives in the test harness only.
+PSD call on. As in tests/_crash_device.py, the wrapping lives in the test harness only
+(tests/_crash_child.py).
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
-from collections.abc import Callable
-from typing import Any
+
+from _crash_child import Killer, before_call, wrap_device  # this file's folder leads sys.path
 
 from meter.cli.device_process import meterd_main
-from meter.psd.audit import AuditLog
 from meter.psd.firmware import PSD
 from meter.token import session
 
 home_path, point, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
-seen = {"count": 0, "armed": False}
+killer = Killer()
+wrap_device(killer)
+killer.wrap(session.Token, "destroy_key", "before-destroy-key", "after-destroy-key")
 
-
-def die_at(name: str) -> None:
-    if name == point and seen["armed"]:
-        seen["count"] += 1
-        if seen["count"] >= nth:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def wrap(owner: Any, attr: str, before: str | None, after: str | None) -> None:
-    original: Callable[..., Any] = getattr(owner, attr)
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if before:
-            die_at(before)
-        result = original(*args, **kwargs)
-        if after:
-            die_at(after)
-        return result
-
-    setattr(owner, attr, wrapper)
-
-
-wrap(session.Token, "create_data", "before-create", "after-create")
-wrap(session.Token, "make_durable", None, "after-sync")
-wrap(session.Token, "destroy", None, "after-destroy")
-wrap(session.Token, "destroy_key", "before-destroy-key", "after-destroy-key")
-wrap(session.Token, "sign", "before-sign", "after-sign")
-wrap(AuditLog, "append", "before-audit", "after-audit")
-
-original_withdraw: Callable[..., Any] = PSD.withdraw_psd
-
-
-def armed(*args: Any, **kwargs: Any) -> Any:
-    seen["armed"] = True
-    return original_withdraw(*args, **kwargs)
-
-
-PSD.withdraw_psd = armed  # type: ignore[method-assign]
+before_call(PSD, "withdraw_psd", lambda: killer.arm(point, nth))
 
 sys.argv = ["meterd", "--home", home_path, "--json"]
 meterd_main()

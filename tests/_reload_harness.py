@@ -9,8 +9,8 @@ scripts/bench_reload.py. As a program it is one of the two processes:
 
 which SIGKILLs itself the N-th time it reaches POINT during the one reload the harness
 armed it for (HOME/fault-device.txt or HOME/fault-provider.txt, "POINT N", read and
-removed at that reload's first step). The wrapping happens here, in the harness, never in the
-meter's or the provider's code.
+removed at that reload's first step). The wrapping happens here, in the harness
+(tests/_crash_child.py), never in the meter's or the provider's code.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ if str(ROOT) not in sys.path:
 
 from meter.cli.home import Home  # noqa: E402
 from meter.errors import MeterError  # noqa: E402
+from tests._crash_child import ANY_POINT, Killer, before_call, wrap_device  # noqa: E402
 
 HERE = Path(__file__).resolve()
 CUSTOMER = "DEMO-0001"
@@ -85,71 +86,36 @@ CUT_POINTS = [(f"{when}-{n}", n) for n in (1, 2, 3, 4) for when in ("cut-before"
 # -- the processes ---------------------------------------------------------------------
 
 
-def _armed_killer(control: Path, span: int) -> tuple[Callable[[str], None], Callable[[], None]]:
-    """``die_at(name)`` for the wrapped operations, and ``arm()`` for the first step of each
+def _armed_killer(control: Path, span: int) -> tuple[Killer, Callable[[], None]]:
+    """A killer for the wrapped operations, and ``arm()`` for the first step of each
     reload: it reads the fault the harness wrote to ``control`` for this one reload (and
     removes it), or disarms when there is none, so a fault never outlives its run."""
-    seen: dict[str, Any] = {"count": 0, "point": None, "nth": 0}
-
-    def die_at(name: str) -> None:
-        point = seen["point"]
-        if point is not None and (point == "random" or name == point):
-            seen["count"] += 1
-            if seen["count"] >= seen["nth"]:
-                os.kill(os.getpid(), signal.SIGKILL)
+    killer = Killer()
 
     def arm() -> None:
-        seen["count"], seen["point"], seen["nth"] = 0, None, 0
+        killer.disarm()
         try:
             point, nth = control.read_text().split()
         except (OSError, ValueError):
             return
         control.unlink()
-        if point == "random":  # the k-th of all points reached, k drawn from the seed
-            seen["point"], seen["nth"] = point, random.Random(int(nth)).randint(1, span)
+        if point == ANY_POINT:  # the k-th of all points reached, k drawn from the seed
+            killer.arm(point, random.Random(int(nth)).randint(1, span))
         else:
-            seen["point"], seen["nth"] = point, int(nth)
+            killer.arm(point, int(nth))
 
-    return die_at, arm
-
-
-def _wrap(
-    owner: Any, attr: str, die_at: Callable[[str], None], before: str | None, after: str | None
-) -> None:
-    original: Callable[..., Any] = getattr(owner, attr)
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if before:
-            die_at(before)
-        result = original(*args, **kwargs)
-        if after:
-            die_at(after)
-        return result
-
-    setattr(owner, attr, wrapper)
+    return killer, arm
 
 
 def device_main(home_path: str) -> None:
     from meter.cli.device_process import meterd_main
     from meter.psd import services_reload
-    from meter.psd.audit import AuditLog
     from meter.psd.firmware import PSD
-    from meter.token import session
 
-    die_at, arm = _armed_killer(Path(home_path) / DEVICE_FAULT, 18)
-    _wrap(session.Token, "create_data", die_at, "before-create", "after-create")
-    _wrap(session.Token, "make_durable_async", die_at, None, "after-sync")
-    _wrap(session.Token, "destroy", die_at, None, "after-destroy")
-    _wrap(session.Token, "sign", die_at, "before-sign", "after-sign")
-    _wrap(services_reload, "shared_secret", die_at, "before-derive", None)
-    _wrap(AuditLog, "append", die_at, "before-audit", "after-audit")
-    original = PSD.reload_begin
-
-    def begin(self: PSD, amount: int) -> dict[str, Any]:
-        arm()
-        return original(self, amount)
-
-    PSD.reload_begin = begin  # type: ignore[method-assign,assignment]
+    killer, arm = _armed_killer(Path(home_path) / DEVICE_FAULT, 18)
+    wrap_device(killer, sync="make_durable_async")
+    killer.wrap(services_reload, "shared_secret", "before-derive", None)
+    before_call(PSD, "reload_begin", arm)
     sys.argv = ["meterd", "--home", home_path, "--json"]
     meterd_main()
 
@@ -164,19 +130,13 @@ def provider_main(home_path: str, ledger: str, status: str) -> None:
     from meter.provider.ledger_sqlite import SqliteLedger
     from meter.provider.reload_routes import reload_router
 
-    die_at, arm = _armed_killer(Path(home_path) / PROVIDER_FAULT, 12)
+    killer, arm = _armed_killer(Path(home_path) / PROVIDER_FAULT, 12)
     for step in ("hello", "finish", "answers", "receipt"):
         attr = "_hello" if step == "hello" else f"_on_{step}"
-        _wrap(rs.ReloadServer, attr, die_at, f"before-{step}", f"after-{step}")
+        killer.wrap(rs.ReloadServer, attr, f"before-{step}", f"after-{step}")
     for name in ("prepare", "commit", "abort"):
-        _wrap(SqliteLedger, name, die_at, f"before-{name}", f"after-{name}")
-    original = rs.ReloadServer.hello
-
-    def hello(self: rs.ReloadServer, message: bytes) -> rs.ReloadStep:
-        arm()
-        return original(self, message)
-
-    rs.ReloadServer.hello = hello  # type: ignore[method-assign]
+        killer.wrap(SqliteLedger, name, f"before-{name}", f"after-{name}")
+    before_call(rs.ReloadServer, "hello", arm)
     home = Home.at(Path(home_path))
     token = home.open_token("provider")
     provider = Provider.open(token, home.ledger)

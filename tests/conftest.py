@@ -8,14 +8,22 @@ import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from meter.cli.home import PIN_VARIABLES, Home
+from meter.indicium import RateCategory
 from meter.protocol.credit import CreditGrant, CreditRequest
+from meter.protocol.issue import IssueRequest
 from meter.token import Token, load_profile
 from meter.token.profile import profiles_dir
 from tests._lab_pins import LAB_METER_PINS
+
+if TYPE_CHECKING:
+    from _card_readers import Readers
+
+    from meter.psd.firmware import PSD
 
 SOFTHSM_MODULE = load_profile().module
 TEST_PINS = {
@@ -24,6 +32,14 @@ TEST_PINS = {
 # The meter token's PINs are no environment variable: tests provision with these, as a lab
 # would, so that a test can open the token itself to check what the device did.
 TEST_METER_PINS = {"user_pin": "test-meter-user-pin", "so_pin": "test-meter-so-pin"}
+# The piece most device tests issue: a first-class letter, 73 cents.
+LETTER = IssueRequest(
+    postage=730,
+    rate_category=RateCategory.FIRST_CLASS_LETTER,
+    origin_zip="94043",
+    destination_zip="62704",
+    address=["Jane Q. Public", "1234 Main St."],
+)
 
 
 def require_service(available: bool, what: str) -> None:
@@ -267,3 +283,54 @@ def running(device_home: Home) -> Iterator[Home]:
 
     with running_device(device_home):
         yield device_home
+
+
+class Clock:
+    """A host clock the test moves by hand (``clock.now += timedelta(...)``)."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def psd(device_home: Home, clock: Clock) -> Iterator[PSD]:
+    """``device_home``'s firmware powered up in this process on ``clock``, nobody logged on.
+
+    A module that wants it powered up otherwise (logged on as a role) defines its own ``psd``.
+    """
+    from meter.psd.firmware import PSD
+
+    device = PSD.power_up(device_home.open_device_token(), device_home.device, clock=clock)
+    yield device
+    device.power_down()
+
+
+@pytest.fixture
+def readers() -> Iterator[Readers]:
+    """The two vpcd readers, to insert emulated OpenPGP cards into (tests/_card_readers.py);
+    every card is removed after the test."""
+    from _card_readers import READERS, Readers
+
+    from meter.custody.card import CardError, list_readers
+
+    try:
+        names = list_readers()
+    except CardError:
+        names = []
+    require_service(
+        all(name in names for name in READERS.values()),
+        "pcscd with two vpcd readers (scripts/pcsc-services start)",
+    )
+    slots = Readers()
+    try:
+        yield slots
+    finally:
+        slots.clear()

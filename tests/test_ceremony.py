@@ -14,53 +14,26 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from _card_readers import READERS, Readers
 from _openpgp_card import OpenPGPApplet
-from conftest import require_service
 from cryptography.hazmat.primitives import serialization
-from test_custody_card import READERS, Readers
 
 from meter.cli import workflows
 from meter.cli.device_process import running_device
 from meter.cli.home import Home
-from meter.custody.card import CardError, CardRemoved, list_readers
+from meter.custody.card import CardRemoved
 from meter.custody.ceremony import Place, export_keys, import_keys
 from meter.custody.ceremony_transcript import verify_transcript
 from meter.custody.shares import Group, Policy
 from meter.errors import CustodyError, DeviceLocked
 from meter.host import DeviceClient
-from meter.indicium import RateCategory
-from meter.protocol.issue import IssueRequest
 from meter.psd.firmware import PSD
 from meter.psd.roles import Role
 from tests._ceremony import PASSWORDS, People, target_home
-from tests.conftest import local_grant
+from tests.conftest import LETTER, local_grant
 
 FIRST, SECOND = READERS.values()
 POLICY = Policy([Group("officers", 2, 3), Group("auditors", 1, 2)], group_threshold=2)
-REQUEST = IssueRequest(
-    postage=730,
-    rate_category=RateCategory.FIRST_CLASS_LETTER,
-    origin_zip="94043",
-    destination_zip="62704",
-    address=["Jane Q. Public", "1234 Main St."],
-)
-
-
-@pytest.fixture
-def readers() -> Iterator[Readers]:
-    try:
-        names = list_readers()
-    except CardError:
-        names = []
-    require_service(
-        all(name in names for name in READERS.values()),
-        "pcscd with two vpcd readers (scripts/pcsc-services start)",
-    )
-    slots = Readers()
-    try:
-        yield slots
-    finally:
-        slots.clear()
 
 
 def _places(tmp: Path) -> list[Place]:
@@ -76,7 +49,7 @@ def _places(tmp: Path) -> list[Place]:
 def _issue_one(home: Home) -> None:
     with PSD.power_up(home.open_device_token(), home.device) as psd:
         psd.logon("customer", PASSWORDS["customer"])
-        psd.create_indicium(REQUEST)
+        psd.create_indicium(LETTER)
 
 
 def test_move_to_a_replacement_token_with_cards_sealed_files_and_paper(
@@ -127,7 +100,7 @@ def test_move_to_a_replacement_token_with_cards_sealed_files_and_paper(
     with PSD.power_up(source.open_device_token(), source.device) as psd:
         psd.logon("customer", PASSWORDS["customer"])
         with pytest.raises(DeviceLocked, match="withdrawn"):
-            psd.create_indicium(REQUEST)
+            psd.create_indicium(LETTER)
         assert psd._device_state().withdrawn_for == "move-1"
         # Its signing, audit and key-exchange keys are gone: they live in the replacement.
         for label in ("indicium-signing", "audit-signing", "key-exchange"):
@@ -175,7 +148,7 @@ def test_move_to_a_replacement_token_with_cards_sealed_files_and_paper(
     with _as(target, "provider") as psd:
         assert psd.apply_credit(grant)["descending"] == 99_270 + 5_000
     with _as(target, "customer") as psd:
-        indicium = psd.create_indicium(REQUEST)
+        indicium = psd.create_indicium(LETTER)
         assert (indicium.sequence, indicium.ascending) == (2, 1460)
         certificates = psd._require_meter().certificates
         assert certificates is not None
@@ -216,7 +189,7 @@ def test_an_unconfirmed_fingerprint_or_a_pulled_card_stops_the_export_and_change
         # Not withdrawn: a customer still issues; and a rerun of the ceremony completes.
         with DeviceClient(device_home.socket) as customer:  # its session ends as it closes
             customer.logon("customer", PASSWORDS["customer"])
-            customer.issue(REQUEST)
+            customer.issue(LETTER)
         people.refuse_confirm = None
         # Second attempt: alice pulls her card out while the meter reads what it holds.
         people.cards["alice"].vanish_on_read = True

@@ -5,21 +5,17 @@ the prompts ask for), two device processes and two emulated cards."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
+from _card_readers import READERS, Readers
 from _openpgp_card import OpenPGPApplet
 from click.testing import CliRunner, Result
-from conftest import require_service
 from cryptography.hazmat.primitives import serialization
-from test_custody_card import READERS, Readers
 
 from meter.cli.device_process import running_device
 from meter.cli.home import Home
 from meter.cli.main import cli
-from meter.custody.card import CardError, list_readers
 from tests._ceremony import PASSPHRASE, PASSWORDS, PIN
 from tests.conftest import TEST_POLICY
 
@@ -28,20 +24,6 @@ ENV = {
     "METER_PASSWORD_SECURITY": PASSWORDS["security"],
     "METER_PASSWORD_CUSTODIAN": PASSWORDS["custodian"],
 }
-
-
-@pytest.fixture
-def readers() -> Iterator[Readers]:
-    try:
-        names = list_readers()
-    except CardError:
-        names = []
-    require_service(all(n in names for n in READERS.values()), "pcscd with two vpcd readers")
-    slots = Readers()
-    try:
-        yield slots
-    finally:
-        slots.clear()
 
 
 def meter(home: Path, *args: str, input: str = "", env: dict[str, str] | None = None) -> Result:

@@ -10,15 +10,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _openpgp_card import OpenPGPApplet, VirtualCard
-from conftest import require_service
+from _card_readers import PIN, READERS, Readers
+from _openpgp_card import OpenPGPApplet
 
 from meter.custody.card import (
     CardError,
@@ -29,86 +25,11 @@ from meter.custody.card import (
     PinBlocked,
     ReadersUnavailable,
     WrongPin,
-    list_readers,
 )
 from meter.custody.shares import CustodyShare, Group, Policy, combine, split
 from meter.errors import AuthenticationFailed, CustodyError, LockedOut, TokenUnavailable
 
-READERS = {35963: "Virtual PCD 00 00", 35964: "Virtual PCD 00 01"}
 FIRST, SECOND = READERS
-PIN = "123456"
-CARD_SCRIPT = Path(__file__).with_name("_openpgp_card.py")
-
-
-class Readers:
-    """Inserts and removes emulated cards, waiting until pcscd has seen each change."""
-
-    def __init__(self) -> None:
-        self.cards: dict[int, VirtualCard] = {}
-        self.processes: dict[int, subprocess.Popen[bytes]] = {}
-
-    def store(self, port: int) -> CardShareStore:
-        return CardShareStore(READERS[port])
-
-    def insert(self, applet: OpenPGPApplet, port: int) -> CardShareStore:
-        self.remove(port)
-        self.cards[port] = VirtualCard(applet, port).insert()
-        self.store(port).wait_for_card(5)
-        return self.store(port)
-
-    def spawn(self, port: int, *options: str) -> subprocess.Popen[bytes]:
-        """A card as a process of its own, with tests/_openpgp_card.py's options."""
-        self.remove(port)
-        command = [sys.executable, str(CARD_SCRIPT), "--port", str(port), "--pin", PIN]
-        process = subprocess.Popen([*command, *options], stdout=subprocess.DEVNULL)
-        self.processes[port] = process
-        self.store(port).wait_for_card(5)
-        return process
-
-    def remove(self, port: int) -> None:
-        card = self.cards.pop(port, None)
-        process = self.processes.pop(port, None)
-        if card is None and process is None:
-            return
-        if card is not None:
-            card.remove()
-        if process is not None:
-            process.kill()
-            process.wait(timeout=5)
-        self.wait_until_empty(port)
-
-    def wait_until_empty(self, port: int) -> None:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                self.store(port).status()
-            except NoCard:
-                return
-            except CardError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"pcscd still sees a card in {READERS[port]}")
-
-    def clear(self) -> None:
-        for port in list(self.cards) + list(self.processes):
-            self.remove(port)
-
-
-@pytest.fixture
-def readers() -> Iterator[Readers]:
-    try:
-        names = list_readers()
-    except CardError:
-        names = []
-    require_service(
-        all(name in names for name in READERS.values()),
-        "pcscd with two vpcd readers (scripts/pcsc-services start)",
-    )
-    slots = Readers()
-    try:
-        yield slots
-    finally:
-        slots.clear()
 
 
 @pytest.fixture(scope="module")

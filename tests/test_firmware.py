@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -19,45 +18,14 @@ from meter.errors import (
     MeterError,
     SessionActive,
 )
-from meter.indicium import FLAG_CORRECTION, RateCategory
-from meter.psd import IssueRequest
+from meter.indicium import FLAG_CORRECTION
 from meter.psd.device import SIGNING_KEY_LABEL
 from meter.psd.firmware import PSD, ModuleState
 from meter.psd.register_store import MAC_KEY_LABEL
 from meter.token import KeyAlgorithm
-from tests.conftest import ROLE_USERS, TEST_METER_PINS, open_meter_token
+from tests.conftest import LETTER, ROLE_USERS, TEST_METER_PINS, Clock, open_meter_token
 
 pytestmark = pytest.mark.softhsm
-
-REQUEST = IssueRequest(
-    postage=730,
-    rate_category=RateCategory.FIRST_CLASS_LETTER,
-    origin_zip="94043",
-    destination_zip="62704",
-    address=["Jane Q. Public", "1234 Main St."],
-)
-
-
-class Clock:
-    """A host clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def psd(device_home: Home, clock: Clock) -> Iterator[PSD]:
-    device = PSD.power_up(device_home.open_device_token(), device_home.device, clock=clock)
-    yield device
-    device.power_down()
 
 
 def logon(psd: PSD, role: str) -> None:
@@ -84,10 +52,10 @@ def test_a_second_process_cannot_power_up_the_same_device(psd: PSD, device_home:
 
 def test_idle_timeout_ends_the_session(psd: PSD, clock: Clock) -> None:
     logon(psd, "customer")
-    psd.create_indicium(REQUEST)
+    psd.create_indicium(LETTER)
     clock.now += psd.idle_timeout + timedelta(seconds=1)
     with pytest.raises(AccessDenied, match="No-Role"):
-        psd.create_indicium(REQUEST)
+        psd.create_indicium(LETTER)
     services = [(r.service, r.values.get("reason")) for r in psd.audit.records()[-4:]]
     assert ("session-end", "idle-timeout") in services
 
@@ -116,15 +84,15 @@ def test_set_clock_moves_time_of_issue_and_is_audited(psd: PSD, clock: Clock) ->
     assert record.service == "set-clock" and record.values["step_s"] == result["step_s"]
     psd.logoff()
     logon(psd, "customer")
-    indicium = psd.create_indicium(REQUEST)
+    indicium = psd.create_indicium(LETTER)
     assert abs(indicium.time_of_issue - target.replace(microsecond=0)) <= timedelta(seconds=2)
     assert indicium.date_of_mailing == target.date()
 
 
 def test_correction_indicium_refers_to_the_original_piece(psd: PSD) -> None:
     logon(psd, "customer")
-    original = psd.create_indicium(REQUEST)
-    correction = psd.create_correction_indicium(REQUEST, original.sequence)
+    original = psd.create_indicium(LETTER)
+    correction = psd.create_correction_indicium(LETTER, original.sequence)
     assert correction.flags & FLAG_CORRECTION
     assert correction.reference_sequence == original.sequence
     assert correction.sequence == original.sequence + 1
@@ -143,7 +111,7 @@ def test_swapped_signing_key_puts_the_device_in_the_error_state(
         logon(psd, "customer")
         assert psd.module_state() == ModuleState.ERROR
         with pytest.raises(DeviceLocked, match=r"error state.*pairwise"):
-            psd.create_indicium(REQUEST)
+            psd.create_indicium(LETTER)
         status = psd.request_status()
         assert status["module_state"] == "error" and "pairwise" in status["error"]
         kinds = [(r.service, r.outcome) for r in psd.audit.records()]
@@ -160,7 +128,7 @@ def test_corrupt_register_mac_key_puts_the_device_in_the_error_state(
         logon(psd, "customer")
         assert psd.module_state() == ModuleState.ERROR
         with pytest.raises(DeviceLocked, match="error state"):
-            psd.create_indicium(REQUEST)
+            psd.create_indicium(LETTER)
         audit = psd.request_device_audit()  # on demand: still failing
         assert audit["self_tests"]["passed"] is False and audit["module_state"] == "error"
         assert "device-records" in psd.request_status()["error"]
@@ -177,7 +145,7 @@ def test_withdrawn_device_refuses_to_issue(device_home: Home, clock: Clock, tmp_
     with PSD.power_up(device_home.open_device_token(), device_home.device, clock=clock) as psd:
         logon(psd, "customer")
         with pytest.raises(DeviceLocked, match="withdrawn"):
-            psd.create_indicium(REQUEST)
+            psd.create_indicium(LETTER)
         assert psd.retrieve_psd_status()["piece_count"] == 0
 
 
@@ -215,7 +183,7 @@ def test_status_without_logon_and_after(psd: PSD) -> None:
 
 def test_no_secret_reaches_the_users_file_or_the_audit_log(psd: PSD, device_home: Home) -> None:
     logon(psd, "customer")
-    psd.create_indicium(REQUEST)
+    psd.create_indicium(LETTER)
     psd.power_down()
     secrets = list(TEST_METER_PINS.values())
     secrets += [password for _, password in ROLE_USERS.values()]

@@ -3,7 +3,6 @@ issue from 120, an acknowledged audit clears it; the thresholds are the provider
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -11,24 +10,15 @@ import pytest
 
 from meter.cli.home import Home
 from meter.errors import AccessDenied, DeviceLocked, ProtocolError
-from meter.indicium import RateCategory
 from meter.protocol.device_audit import DeviceAuditReport
 from meter.protocol.watchdog import COMMERCIAL, WatchdogThresholds
-from meter.psd import IssueRequest
 from meter.psd.device_state import DeviceState
 from meter.psd.firmware import PSD
 from meter.psd.watchdog import WatchdogLevel, evaluate, thresholds_for
 from tests._audit_lab import ProviderLab, provider_lab
-from tests.conftest import ROLE_USERS
+from tests.conftest import LETTER, ROLE_USERS, Clock
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
-REQUEST = IssueRequest(
-    postage=730,
-    rate_category=RateCategory.FIRST_CLASS_LETTER,
-    origin_zip="94043",
-    destination_zip="62704",
-    address=["Jane Q. Public", "1234 Main St."],
-)
 
 
 # -- pure ---------------------------------------------------------------------------
@@ -81,26 +71,6 @@ def test_thresholds_come_from_the_installed_signed_bundle_else_the_firmware() ->
 # -- the device on SoftHSM2 ------------------------------------------------------------
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def psd(device_home: Home, clock: Clock) -> Iterator[PSD]:
-    device = PSD.power_up(device_home.open_device_token(), device_home.device, clock=clock)
-    yield device
-    device.power_down()
-
-
 def _customer_after(psd: PSD, clock: Clock, days: int) -> dict[str, object]:
     """Move the host clock on (the open session idles out) and log the customer on."""
     clock.now += timedelta(days=days)
@@ -120,31 +90,31 @@ def test_warn_at_logon_and_in_status_then_stop_then_an_audit_clears_it(
 ) -> None:
     first = _customer_after(psd, clock, 0)
     assert "watchdog" not in first
-    psd.create_indicium(REQUEST)
+    psd.create_indicium(LETTER)
 
     warned = _customer_after(psd, clock, 91)
     watchdog = warned["watchdog"]
     assert isinstance(watchdog, dict) and watchdog["level"] == "warn"
     assert "inspection due" in watchdog["warning"]
     assert psd.request_status()["watchdog"]["level"] == "warn"
-    psd.create_indicium(REQUEST)  # warned, still issuing
+    psd.create_indicium(LETTER)  # warned, still issuing
     logged = [r for r in psd.audit.records() if r.service == "watchdog"]
     assert logged and logged[-1].outcome == "warn"
 
     stopped = _customer_after(psd, clock, 30)  # 121 days since authorization
     assert stopped["watchdog"]["level"] == "stop"  # type: ignore[index]
     with pytest.raises(DeviceLocked, match="Create Indicium is refused: 121 days"):
-        psd.create_indicium(REQUEST)
+        psd.create_indicium(LETTER)
     with pytest.raises(DeviceLocked, match="121 days"):
-        psd.create_correction_indicium(REQUEST, 1)
+        psd.create_correction_indicium(LETTER, 1)
     with pytest.raises(DeviceLocked, match="121 days"):
-        psd.create_indicium_batch([REQUEST, REQUEST])
+        psd.create_indicium_batch([LETTER, LETTER])
     assert psd.retrieve_psd_status()["piece_count"] == 2  # the refusals issued nothing
 
     with provider_lab(device_home, tmp_path / "provider") as lab:
         _audit(psd, lab)
     assert psd.request_status()["watchdog"]["level"] == "ok"
-    assert psd.create_indicium(REQUEST).sequence == 3
+    assert psd.create_indicium(LETTER).sequence == 3
 
 
 @pytest.mark.softhsm

@@ -22,7 +22,7 @@ from meter.cli.home import Home
 from meter.cli.workflows import DEMO_CUSTOMER
 from meter.errors import DeviceLocked, InvalidInput, MeterError, ProtocolError
 from meter.host import DeviceClient
-from meter.indicium import Indicium, RateCategory
+from meter.indicium import Indicium
 from meter.pki.revocation import Revocations
 from meter.postoffice.replay import MemoryReplayStore
 from meter.postoffice.trustdir import REVOCATIONS_FILE, CertificateDirectory, load_revocation_export
@@ -35,23 +35,16 @@ from meter.provider.withdrawal import (
     WITHDRAWAL_REFUND_ID,
     WithdrawalOutcome,
 )
-from meter.psd import IssueRequest
 from meter.psd.firmware import PSD
 from meter.psd.register_store import MAC_KEY_LABEL
 from meter.psd.services_withdrawal import DESTROYED_AT_WITHDRAWAL
 from tests._audit_lab import ProviderLab, provider_lab
+from tests.conftest import LETTER as REQUEST  # tests/test_withdrawal_cli.py imports it too
 from tests.conftest import ROLE_USERS, open_meter_token
 
 pytestmark = pytest.mark.softhsm
 
 CHILD = Path(__file__).with_name("_crash_withdrawal.py")
-REQUEST = IssueRequest(
-    postage=730,
-    rate_category=RateCategory.FIRST_CLASS_LETTER,
-    origin_zip="94043",
-    destination_zip="62704",
-    address=["Jane Q. Public", "1234 Main St."],
-)
 
 
 @contextmanager
@@ -71,6 +64,24 @@ def begin(home: Home, lab: ProviderLab) -> AuditAcknowledgement:
         report = client.withdraw_begin(lab.desk.new_nonce(lab.serial, now()))
     assert report.withdrawing
     return lab.withdrawals.final_audit(report, lab.meter_certificate, now())
+
+
+@contextmanager
+def in_process(home: Home, folder: Path) -> Iterator[tuple[ProviderLab, PSD]]:
+    """A provider lab for ``home``'s meter, and the meter's firmware powered up in this
+    process with the Provider logged on."""
+    with (
+        provider_lab(home, folder) as lab,
+        PSD.power_up(home.open_device_token(), home.device) as psd,
+    ):
+        psd.logon(*ROLE_USERS["provider"])
+        yield lab, psd
+
+
+def final_report(lab: ProviderLab, psd: PSD, source: str) -> DeviceAuditReport:
+    """Withdraw PSD's first step, for a fresh nonce of the lab's provider."""
+    step = psd.withdraw_psd(nonce=lab.desk.new_nonce(lab.serial, now()))
+    return DeviceAuditReport.from_json(step["signed_report"], source)
 
 
 def complete(home: Home, ack: AuditAcknowledgement) -> dict[str, Any]:
@@ -189,16 +200,10 @@ def test_the_post_office_refuses_an_altered_or_foreign_revocation_export(
 def test_refunds_are_made_once_and_refused_after_180_days(
     device_home: Home, tmp_path: Path
 ) -> None:
-    home = device_home
-    with (
-        provider_lab(home, tmp_path / "provider") as lab,
-        PSD.power_up(home.open_device_token(), home.device) as psd,
-    ):
-        psd.logon(*ROLE_USERS["provider"])
+    with in_process(device_home, tmp_path / "provider") as (lab, psd):
         with pytest.raises(InvalidInput, match="either the provider's audit nonce"):
             psd.withdraw_psd()
-        step = psd.withdraw_psd(nonce=lab.desk.new_nonce(lab.serial, now()))
-        report = DeviceAuditReport.from_json(step["signed_report"], "final")
+        report = final_report(lab, psd, "final")
         # Not a routine audit: the routine desk refuses a withdrawing meter's report.
         with pytest.raises(ProtocolError, match="being withdrawn"):
             lab.desk.audit(report, lab.meter_certificate, now())
@@ -209,8 +214,7 @@ def test_refunds_are_made_once_and_refused_after_180_days(
         assert lab.withdrawals.refund(lab.serial, now() + timedelta(days=1)) == report.descending
         assert refunded(lab) == report.descending
         # A rerun of the final audit with a new report of the same registers refunds nothing.
-        again = psd.withdraw_psd(nonce=lab.desk.new_nonce(lab.serial, now()))
-        second = DeviceAuditReport.from_json(again["signed_report"], "again")
+        second = final_report(lab, psd, "again")
         lab.withdrawals.final_audit(second, lab.meter_certificate, now())
         assert refunded(lab) == report.descending
         # A withdrawal acknowledgement for other registers does not destroy anything.
@@ -225,14 +229,8 @@ def test_refunds_are_made_once_and_refused_after_180_days(
 def test_a_refund_pending_after_a_provider_crash_is_completed_once(
     device_home: Home, tmp_path: Path
 ) -> None:
-    home = device_home
-    with (
-        provider_lab(home, tmp_path / "provider") as lab,
-        PSD.power_up(home.open_device_token(), home.device) as psd,
-    ):
-        psd.logon(*ROLE_USERS["provider"])
-        step = psd.withdraw_psd(nonce=lab.desk.new_nonce(lab.serial, now()))
-        report = DeviceAuditReport.from_json(step["signed_report"], "final")
+    with in_process(device_home, tmp_path / "provider") as (lab, psd):
+        report = final_report(lab, psd, "final")
         lab.desk.verify_report(report, lab.meter_certificate, now())
         details = lab.desk.check_and_record(
             report,
@@ -257,7 +255,7 @@ def test_a_refund_pending_after_a_provider_crash_is_completed_once(
         assert last is not None and last["outcome"] == WithdrawalOutcome.REFUNDED
 
     late = tmp_path / "late"
-    with provider_lab(home, late) as lab2:
+    with provider_lab(device_home, late) as lab2:
         lab2.ledger.record_audit(
             lab2.serial,
             report.to_bytes(),

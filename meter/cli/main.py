@@ -9,7 +9,16 @@ from typing import Any
 
 import click
 
-from meter.cli import device_cli, postoffice_cli, provider_cli, provision, workflows
+from meter.cli import (
+    device_admin_cli,
+    device_audit_cli,
+    device_cli,
+    device_users_cli,
+    postoffice_cli,
+    provider_cli,
+    provision,
+    workflows,
+)
 from meter.cli.common import emit, errors, home_of, parse_date, parse_postage
 from meter.cli.device_process import device_group, running_device
 from meter.cli.device_session import device
@@ -368,6 +377,9 @@ def _demo_text(home: Home, data: dict[str, Any], generated: dict[str, str]) -> s
 
 postoffice_cli.register(cli)
 device_cli.register(cli)
+device_users_cli.register(cli)
+device_admin_cli.register(cli)
+device_audit_cli.register(cli)
 cli.add_command(postoffice)
 cli.add_command(device_group)
 # Further command modules register here, one line each.
@@ -378,7 +390,7 @@ cli.add_command(audit_cli.audit)
 from meter.cli import ceremony_cli  # noqa: E402
 
 cli.add_command(ceremony_cli.ceremony)
-device_cli.add_audit_commands(audit_cli.audit)
+device_audit_cli.add_audit_commands(audit_cli.audit)
 from meter.cli import serve_cli  # noqa: E402, F401
 
 cli.add_command(provider_cli.provider)

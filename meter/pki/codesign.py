@@ -16,7 +16,7 @@ office (meter.pki.trust) never takes one for a meter credential.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meter.errors import CertificateError
-from meter.pki.issue import RawSigner, _builder, _sign_builder
+from meter.pki.issue import _SIGNATURE_ONLY, RawSigner, _issued_by, _sign_builder, _subject
 
 __all__ = ["make_code_signing_certificate", "verify_code_signing_certificate"]
 
@@ -41,30 +41,11 @@ def make_code_signing_certificate(
     """A code-signing certificate for a provider's key, signed by the postal root's key."""
     if not 0 < authorization_id < 2**32:
         raise CertificateError(f"authorization id {authorization_id} must be in 1..2^32-1")
-    subject = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, f"{name} code signing"),
-            x509.NameAttribute(NameOID.SERIAL_NUMBER, str(authorization_id)),
-        ]
-    )
-    not_after = min(not_before + timedelta(days=days), root.not_valid_after_utc)
+    subject = _subject(f"{name} code signing", authorization_id)
     builder = (
-        _builder(subject, root.subject, public_key_spki, not_before, not_after, False)
+        _issued_by(root, subject, public_key_spki, not_before, days, False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_SIGNATURE_ONLY, critical=True)
     )
     return _sign_builder(builder, sign_with_root)
 

@@ -5,6 +5,10 @@ is always an ECDSA P-256 key inside a token, so the to-be-signed part is
 built by ``cryptography`` with a throwaway P-256 key (the signature
 algorithm field is the same: ecdsa-with-SHA256), signed by the token, and
 the certificate assembled around it.
+
+The builder helpers here (`_builder`, `_issued_by`, `_subject`,
+`_SIGNATURE_ONLY`, `_sign_builder`) are also those of the code-signing and
+reload certificates (meter/pki/codesign.py, meter/pki/reload_certs.py).
 """
 
 from __future__ import annotations
@@ -84,11 +88,47 @@ def _builder(
     )
 
 
+def _issued_by(
+    issuer: x509.Certificate,
+    subject: x509.Name,
+    public_key_spki: bytes,
+    not_before: datetime,
+    days: int,
+    ca: bool,
+) -> x509.CertificateBuilder:
+    """A builder for a certificate that ``issuer`` signs: valid ``days`` from ``not_before``,
+    but never past the issuer's own end."""
+    not_after = min(not_before + timedelta(days=days), issuer.not_valid_after_utc)
+    return _builder(subject, issuer.subject, public_key_spki, not_before, not_after, ca)
+
+
+def _subject(common_name: str, serial: int | None = None) -> x509.Name:
+    """CN, then serialNumber (an authorization id or a device serial) when there is one."""
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if serial is not None:
+        attributes.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, str(serial)))
+    return x509.Name(attributes)
+
+
+# Key usage of a leaf key that only signs (code signing, reload authentication).
+_SIGNATURE_ONLY = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
 def make_root_certificate(
     public_key_spki: bytes, sign: RawSigner, name: str, not_before: datetime, days: int = 3650
 ) -> x509.Certificate:
     """The postal root: self-signed, ``ca=True``."""
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    subject = _subject(name)
     builder = _builder(
         subject, subject, public_key_spki, not_before, not_before + timedelta(days=days), True
     )
@@ -105,14 +145,8 @@ def make_provider_certificate(
     days: int = 1825,
 ) -> x509.Certificate:
     """A provider (post office) certified by the root; ``serialNumber`` = authorization id."""
-    subject = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, name),
-            x509.NameAttribute(NameOID.SERIAL_NUMBER, str(authorization_id)),
-        ]
-    )
-    not_after = min(not_before + timedelta(days=days), root.not_valid_after_utc)
-    builder = _builder(subject, root.subject, public_key_spki, not_before, not_after, True)
+    subject = _subject(name, authorization_id)
+    builder = _issued_by(root, subject, public_key_spki, not_before, days, True)
     return _sign_builder(builder, sign_with_root)
 
 
@@ -125,12 +159,6 @@ def make_meter_certificate(
     days: int = 1095,
 ) -> x509.Certificate:
     """A meter certified by its provider; ``serialNumber`` = device serial, ``ca=False``."""
-    subject = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, f"meter-{device_serial:016x}"),
-            x509.NameAttribute(NameOID.SERIAL_NUMBER, str(device_serial)),
-        ]
-    )
-    not_after = min(not_before + timedelta(days=days), provider.not_valid_after_utc)
-    builder = _builder(subject, provider.subject, public_key_spki, not_before, not_after, False)
+    subject = _subject(f"meter-{device_serial:016x}", device_serial)
+    builder = _issued_by(provider, subject, public_key_spki, not_before, days, False)
     return _sign_builder(builder, sign_with_provider)

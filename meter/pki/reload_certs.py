@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from meter.errors import CertificateError
-from meter.pki.issue import RawSigner, _builder, _sign_builder
+from meter.pki.issue import _SIGNATURE_ONLY, RawSigner, _issued_by, _sign_builder, _subject
 
 __all__ = [
     "RELOAD_EKU",
@@ -62,28 +62,12 @@ def make_reload_certificate(
     key = serialization.load_der_public_key(public_key_spki)
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
         raise CertificateError("a meter's reload key must be an ECDSA P-256 key")
-    subject = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, f"meter-reload-{device_serial:016x}"),
-            x509.NameAttribute(NameOID.SERIAL_NUMBER, str(device_serial)),
-        ]
+    subject = _subject(f"meter-reload-{device_serial:016x}", device_serial)
+    builder = (
+        _issued_by(provider, subject, public_key_spki, not_before, days, False)
+        .add_extension(_SIGNATURE_ONLY, critical=True)
+        .add_extension(x509.ExtendedKeyUsage([RELOAD_EKU]), critical=True)
     )
-    not_after = min(not_before + timedelta(days=days), provider.not_valid_after_utc)
-    builder = _builder(subject, provider.subject, public_key_spki, not_before, not_after, False)
-    builder = builder.add_extension(
-        x509.KeyUsage(
-            digital_signature=True,
-            content_commitment=False,
-            key_encipherment=False,
-            data_encipherment=False,
-            key_agreement=False,
-            key_cert_sign=False,
-            crl_sign=False,
-            encipher_only=False,
-            decipher_only=False,
-        ),
-        critical=True,
-    ).add_extension(x509.ExtendedKeyUsage([RELOAD_EKU]), critical=True)
     return _sign_builder(builder, sign_with_provider)
 
 

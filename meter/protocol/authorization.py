@@ -5,7 +5,8 @@ N, "device_serial": N, "customer": "ID", "issued_at": ISO-8601 UTC,
 "signature": hex}``. The signature is the provider's ECDSA P-256 key (in its
 token; its certificate chains to the postal root) over the canonical JSON of
 the other five members (sorted keys, no white space, UTF-8), as ``r || s``,
-like the credited export (meter/protocol/credited.py).
+like the credited export (meter/protocol/credited.py; both through
+meter/protocol/signed_json.py, with no format prefix).
 
 The meter verifies it against the provider certificate it pinned at
 Authorize PSD and keeps it in its private state: the device serial must be
@@ -16,7 +17,6 @@ later one).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,10 +24,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 
 from meter.errors import InvalidInput, ProtocolError
-from meter.indicium import Algorithm, VerifyingKey
+from meter.protocol.signed_json import (
+    MAX_SERIAL,
+    SignedDocument,
+    canonical,
+    document,
+    instant,
+    members,
+    p256_signature,
+    provider_id,
+    verify_p256,
+)
 
 __all__ = ["AUTHORIZATION_FORMAT", "CUSTOMER_ID", "CustomerAuthorization", "check_customer_id"]
 
@@ -35,7 +44,6 @@ AUTHORIZATION_FORMAT = "pim-customer-authorization-v1"
 # A customer account: what the meter shows and the ledger keys on.
 CUSTOMER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _MEMBERS = {"format", "authorization_id", "device_serial", "customer", "issued_at", "signature"}
-_MAX_SERIAL = 2**64 - 1
 _MAX_RECORD = 4096  # bytes of the JSON text; a record is ~300
 
 
@@ -49,8 +57,10 @@ def check_customer_id(customer: object) -> str:
 
 
 @dataclass(frozen=True)
-class CustomerAuthorization:
+class CustomerAuthorization(SignedDocument):
     """One provider's signed binding of ``customer`` to meter ``device_serial``."""
+
+    UNSIGNED = "customer authorization"
 
     authorization_id: int
     device_serial: int
@@ -68,7 +78,7 @@ class CustomerAuthorization:
         }
 
     def signed_part(self) -> bytes:
-        return json.dumps(self.body(), sort_keys=True, separators=(",", ":")).encode()
+        return canonical(self.body())
 
     @classmethod
     def issue(
@@ -87,65 +97,28 @@ class CustomerAuthorization:
         record = cls(
             authorization_id, device_serial, customer, now.astimezone(UTC).replace(microsecond=0)
         )
-        return cls(
-            record.authorization_id,
-            record.device_serial,
-            record.customer,
-            record.issued_at,
-            sign(record.signed_part()),
-        )
-
-    def to_json(self) -> dict[str, object]:
-        if not self.signature:
-            raise ProtocolError("customer authorization is not signed")
-        return {**self.body(), "signature": self.signature.hex()}
+        return record.signed_by(sign)
 
     def to_text(self) -> str:
         """The canonical text the meter keeps (sorted keys, no white space)."""
-        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return canonical(self.to_json()).decode()
 
     @classmethod
     def from_json(cls, data: Any, source: str) -> CustomerAuthorization:
         """Parse JSON text or an already-decoded object; InvalidInput names the member."""
-        doc = data
-        if isinstance(data, bytes | str):
-            if len(data) > _MAX_RECORD:
-                raise InvalidInput(f"{source}: longer than {_MAX_RECORD} bytes")
-            try:
-                doc = json.loads(data)
-            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-                raise InvalidInput(f"{source}: not JSON ({exc})") from exc
-        if not isinstance(doc, dict):
-            raise InvalidInput(f"{source}: a customer authorization is a JSON object")
-        if doc.get("format") != AUTHORIZATION_FORMAT:
-            raise InvalidInput(f"{source}: member 'format' must be {AUTHORIZATION_FORMAT!r}")
-        unknown, missing = set(doc) - _MEMBERS, _MEMBERS - set(doc)
-        if unknown or missing:
-            raise InvalidInput(
-                f"{source}: unknown members {sorted(unknown)}, missing members {sorted(missing)}"
-            )
-        authorization_id = doc["authorization_id"]
-        if not _is_int(authorization_id) or not 0 < authorization_id < 2**32:
-            raise InvalidInput(f"{source}: 'authorization_id' must be a 4-byte positive integer")
+        if isinstance(data, bytes | str) and len(data) > _MAX_RECORD:
+            raise InvalidInput(f"{source}: longer than {_MAX_RECORD} bytes")
+        doc = document(data, source, AUTHORIZATION_FORMAT)
+        members(doc, source, _MEMBERS)
+        authorization_id = provider_id(doc["authorization_id"], source)
         device_serial = _check_serial(doc["device_serial"], f"{source}: 'device_serial'")
         try:
             customer = check_customer_id(doc["customer"])
         except InvalidInput as exc:
             raise InvalidInput(f"{source}: {exc}") from None
-        try:
-            issued_at = datetime.fromisoformat(doc["issued_at"])
-        except (TypeError, ValueError) as exc:
-            raise InvalidInput(f"{source}: 'issued_at' is not an ISO-8601 time") from exc
-        if issued_at.tzinfo is None:
-            raise InvalidInput(f"{source}: 'issued_at' has no time zone")
-        signature = doc["signature"]
-        try:
-            raw = bytes.fromhex(signature) if isinstance(signature, str) else b""
-        except ValueError:
-            raw = b""
-        if len(raw) != Algorithm.ECDSA_P256.signature_length:
-            raise InvalidInput(f"{source}: 'signature' must be 64 bytes of hex (r || s)")
-        record = cls(authorization_id, device_serial, customer, issued_at, raw)
+        issued_at = instant(doc["issued_at"], source, "issued_at")
+        signature = p256_signature(doc["signature"], source)
+        record = cls(authorization_id, device_serial, customer, issued_at, signature)
         if record.body()["issued_at"] != doc["issued_at"]:
             # Two spellings of one instant would sign different bytes than they parse to.
             raise InvalidInput(f"{source}: 'issued_at' is not in its canonical form")
@@ -168,23 +141,16 @@ class CustomerAuthorization:
             raise ProtocolError(
                 f"{source}: for device {self.device_serial}, this meter is {device_serial}"
             )
-        try:
-            VerifyingKey(provider.public_key()).verify(
-                Algorithm.ECDSA_P256, self.signed_part(), self.signature
-            )
-        except InvalidSignature as exc:
-            raise ProtocolError(
-                f"{source}: signature of provider {self.authorization_id} does not verify "
-                "(altered, or signed by another provider's key)"
-            ) from exc
+        verify_p256(
+            provider,
+            self.signed_part(),
+            self.signature,
+            f"{source}: signature of provider {self.authorization_id} does not verify "
+            "(altered, or signed by another provider's key)",
+        )
 
 
 def _check_serial(value: object, what: str) -> int:
-    if not _is_int(value) or not 0 < value <= _MAX_SERIAL:  # type: ignore[operator]
-        raise InvalidInput(f"{what} must be a device serial, 1 to {_MAX_SERIAL}")
-    assert isinstance(value, int)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SERIAL:
+        raise InvalidInput(f"{what} must be a device serial, 1 to {MAX_SERIAL}")
     return value
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

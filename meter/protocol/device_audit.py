@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -36,7 +36,7 @@ from meter.errors import InvalidInput, ProtocolError
 from meter.indicium import VerifyingKey, key_id
 from meter.protocol.signed_json import (
     MAX_SERIAL,
-    P256_SIGNATURE,
+    SignedDocument,
     boolean,
     canonical,
     document,
@@ -44,6 +44,8 @@ from meter.protocol.signed_json import (
     instant,
     members,
     mills,
+    p256_signature,
+    prefixed,
     subject_serial,
     text,
     verify_provider,
@@ -96,7 +98,9 @@ def nonce_from_hex(text: str) -> bytes:
 
 
 @dataclass(frozen=True)
-class DeviceAuditReport:
+class DeviceAuditReport(SignedDocument):
+    UNSIGNED = "the device audit report"
+
     device_serial: int
     authorization_id: int
     key_id: bytes  # of the meter's signing key: the certificate that verifies this report
@@ -135,19 +139,11 @@ class DeviceAuditReport:
         }
 
     def signed_part(self) -> bytes:
-        return REPORT_FORMAT.encode() + b"\n" + canonical(self.body())
+        return prefixed(REPORT_FORMAT, self.body())
 
     def digest(self) -> bytes:
         """SHA-256 of the signed part (never the signature: ECDSA signatures are malleable)."""
         return hashlib.sha256(self.signed_part()).digest()
-
-    def signed_by(self, sign: Callable[[bytes], bytes]) -> DeviceAuditReport:
-        return replace(self, signature=sign(self.signed_part()))
-
-    def to_json(self) -> dict[str, Any]:
-        if not self.signature:
-            raise ProtocolError("the device audit report is not signed")
-        return {**self.body(), "signature": self.signature.hex()}
 
     def to_bytes(self) -> bytes:
         return canonical(self.to_json())
@@ -241,7 +237,9 @@ class DeviceAuditReport:
 
 
 @dataclass(frozen=True)
-class AuditAcknowledgement:
+class AuditAcknowledgement(SignedDocument):
+    UNSIGNED = "the audit acknowledgement"
+
     authorization_id: int
     device_serial: int
     report_sha256: bytes  # DeviceAuditReport.digest() of the report it answers
@@ -266,15 +264,7 @@ class AuditAcknowledgement:
         }
 
     def signed_part(self) -> bytes:
-        return ACK_FORMAT.encode() + b"\n" + canonical(self.body())
-
-    def signed_by(self, sign: Callable[[bytes], bytes]) -> AuditAcknowledgement:
-        return replace(self, signature=sign(self.signed_part()))
-
-    def to_json(self) -> dict[str, Any]:
-        if not self.signature:
-            raise ProtocolError("the audit acknowledgement is not signed")
-        return {**self.body(), "signature": self.signature.hex()}
+        return prefixed(ACK_FORMAT, self.body())
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | bytes | str, source: str) -> AuditAcknowledgement:
@@ -309,9 +299,7 @@ class AuditAcknowledgement:
             piece_count=whole(doc["piece_count"], source, "piece_count", 2**32 - 1),
             audited_at=instant(doc["audited_at"], source, "audited_at"),
             outcome=outcome,
-            signature=hex_bytes(
-                doc["signature"], source, "signature", P256_SIGNATURE, P256_SIGNATURE
-            ),
+            signature=p256_signature(doc["signature"], source),
         )
 
     def verify(self, provider_certificate: x509.Certificate) -> None:

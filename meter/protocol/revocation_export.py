@@ -13,22 +13,22 @@ merges the entries into its ``revocations.json``
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from cryptography import x509
 
-from meter.errors import CertificateError, InvalidInput, ProtocolError
+from meter.errors import CertificateError, InvalidInput
 from meter.pki.revocation import Revocations
 from meter.protocol.signed_json import (
-    P256_SIGNATURE,
-    canonical,
+    SignedDocument,
     document,
-    hex_bytes,
     instant,
     members,
+    p256_signature,
+    prefixed,
     verify_provider,
     whole,
 )
@@ -39,7 +39,9 @@ REVOCATIONS_FORMAT = "pim-revocations-v1"
 
 
 @dataclass(frozen=True)
-class RevocationExport:
+class RevocationExport(SignedDocument):
+    UNSIGNED = "the revocation export"
+
     authorization_id: int
     generated_at: datetime
     revoked: Mapping[int, datetime]  # device serial -> revoked from this instant on
@@ -61,15 +63,7 @@ class RevocationExport:
         ]
 
     def signed_part(self) -> bytes:
-        return REVOCATIONS_FORMAT.encode() + b"\n" + canonical(self.body())
-
-    def signed_by(self, sign: Callable[[bytes], bytes]) -> RevocationExport:
-        return replace(self, signature=sign(self.signed_part()))
-
-    def to_json(self) -> dict[str, Any]:
-        if not self.signature:
-            raise ProtocolError("the revocation export is not signed")
-        return {**self.body(), "signature": self.signature.hex()}
+        return prefixed(REVOCATIONS_FORMAT, self.body())
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | bytes | str, source: str) -> RevocationExport:
@@ -92,9 +86,7 @@ class RevocationExport:
             authorization_id=whole(doc["authorization_id"], source, "authorization_id", 2**32 - 1),
             generated_at=instant(doc["generated_at"], source, "generated_at"),
             revoked=revoked,
-            signature=hex_bytes(
-                doc["signature"], source, "signature", P256_SIGNATURE, P256_SIGNATURE
-            ),
+            signature=p256_signature(doc["signature"], source),
         )
 
     def verify(self, provider_certificate: x509.Certificate) -> None:

@@ -1,7 +1,8 @@
 """The device's firmware: one user at a time, every service of Table 2 behind its roles.
 
-`PSD` puts together the core (meter.psd.firmware_core: power, the service
-boundary, sessions, self-tests), the status reports (meter.psd.services_status)
+`PSD` puts together the core (meter.psd.firmware_core: power, sessions,
+self-tests, over meter.psd.firmware_boundary: who is calling and the service
+boundary), the status reports (meter.psd.services_status)
 and the services, grouped by what they manage (meter.psd.services_admin,
 meter.psd.services_meter, meter.psd.services_withdrawal: device audit and
 Withdraw PSD). The

@@ -1,5 +1,5 @@
 """The device API's request bodies: strict, so that a JSON true is never postage and an
-unknown field is an error, not ignored. The routes are in server.py."""
+unknown field is an error, not ignored. The routes are in server.py and server_*.py."""
 
 from __future__ import annotations
 

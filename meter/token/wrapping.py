@@ -17,30 +17,24 @@ Unwrapping needs no trusted key: the target's user session makes the transport k
 private *session* object (gone with the session whatever happens), unwraps under it,
 and destroys it. Everything goes through `Token._call`, the token's one lock.
 
-Key check values (KCVs), computed inside the token and compared after import:
-a secret key's is HMAC-SHA-256 of `KCV_MESSAGE` under that key; a private key's is the
-SHA-256 of its public key's SubjectPublicKeyInfo, tied to the private half by a pairwise
-sign and verify (`pairwise_check`).
+Each wrapped key carries its key check value (KCV), which the target compares after
+import (meter.token.key_checks, whose names this module exports too).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac as _hmac
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import pkcs11
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pkcs11 import DEFAULT, Attribute, KeyType, Mechanism, ObjectClass
 
 from meter.errors import ConfigurationError, MeterError, TokenError
-from meter.token.profile import KeyAlgorithm
+from meter.token.key_checks import KCV_MESSAGE, kcv_matches, pairwise_check, public_kcv, secret_kcv
 from meter.token.session import Token
 
 __all__ = [
@@ -66,7 +60,6 @@ __all__ = [
 
 KeyClass = Literal["private", "secret"]
 TRANSPORT_LABEL_PREFIX = "ceremony-transport"
-KCV_MESSAGE = b"meter.ceremony.key-check-value.v1\x00"
 _WRAP = Mechanism.AES_KEY_WRAP_PAD
 _CLASSES = {"private": ObjectClass.PRIVATE_KEY, "secret": ObjectClass.SECRET_KEY}
 _KEY_TYPES = {"ec": KeyType.EC, "rsa": KeyType.RSA, "generic-secret": KeyType.GENERIC_SECRET}
@@ -347,40 +340,6 @@ def import_public_key(token: Token, label: str, spki: bytes) -> None:
         raise ConfigurationError(f"{token.where}: public key '{label}' is not P-256 or RSA")
     with token._call(f"create public key '{label}'") as s:
         s.create_object(template)
-
-
-def secret_kcv(token: Token, label: str) -> bytes:
-    """A secret key's check value: HMAC-SHA-256 of `KCV_MESSAGE`, computed in the token."""
-    return token.hmac(label, KCV_MESSAGE)
-
-
-def pairwise_check(token: Token, label: str, algorithm: KeyAlgorithm, spki: bytes) -> None:
-    """Sign a fresh challenge with the private key ``label``; verify it with ``spki``."""
-    challenge = b"meter.ceremony.pairwise.v1\x00" + token.random(32)
-    signature = token.sign(label, algorithm, challenge)
-    public = serialization.load_der_public_key(spki)
-    try:
-        if isinstance(public, ec.EllipticCurvePublicKey) and len(signature) == 64:
-            r, s = int.from_bytes(signature[:32]), int.from_bytes(signature[32:])
-            public.verify(encode_dss_signature(r, s), challenge, ec.ECDSA(hashes.SHA256()))
-        elif isinstance(public, rsa.RSAPublicKey):
-            pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
-            public.verify(signature, challenge, pss, hashes.SHA256())
-        else:
-            raise InvalidSignature
-    except InvalidSignature as exc:
-        raise TokenError(
-            f"{token.where}: key '{label}' fails its pairwise test: its signature does not "
-            "verify with the public key recorded at export (the certificate's)"
-        ) from exc
-
-
-def public_kcv(spki: bytes) -> bytes:
-    return hashlib.sha256(spki).digest()
-
-
-def kcv_matches(expected: bytes, found: bytes) -> bool:
-    return _hmac.compare_digest(expected, found)
 
 
 def rename_key(token: Token, old: str, new: str, kind: KeyClass) -> None:
