@@ -20,6 +20,10 @@ from meter.custody.card import CardError, CardShareStore, NoCard
 __all__ = ["CARD_SCRIPT", "PIN", "READERS", "Readers"]
 
 READERS = {35963: "Virtual PCD 00 00", 35964: "Virtual PCD 00 01"}
+# How long pcscd may take to see a card come or go: it polls vpcd's readers, and after a
+# card vanished mid-command it reconnects the reader first; under a loaded CI machine
+# that took longer than 5 s once. The waits return as soon as the change is seen.
+SEEN_WITHIN_S = 30
 PIN = "123456"
 CARD_SCRIPT = Path(__file__).with_name("_openpgp_card.py")
 
@@ -37,7 +41,7 @@ class Readers:
     def insert(self, applet: OpenPGPApplet, port: int) -> CardShareStore:
         self.remove(port)
         self.cards[port] = VirtualCard(applet, port).insert()
-        self.store(port).wait_for_card(5)
+        self.store(port).wait_for_card(SEEN_WITHIN_S)
         return self.store(port)
 
     def spawn(self, port: int, *options: str) -> subprocess.Popen[bytes]:
@@ -46,7 +50,7 @@ class Readers:
         command = [sys.executable, str(CARD_SCRIPT), "--port", str(port), "--pin", PIN]
         process = subprocess.Popen([*command, *options], stdout=subprocess.DEVNULL)
         self.processes[port] = process
-        self.store(port).wait_for_card(5)
+        self.store(port).wait_for_card(SEEN_WITHIN_S)
         return process
 
     def remove(self, port: int) -> None:
@@ -62,7 +66,7 @@ class Readers:
         self.wait_until_empty(port)
 
     def wait_until_empty(self, port: int) -> None:
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + SEEN_WITHIN_S
         while time.monotonic() < deadline:
             try:
                 self.store(port).status()
