@@ -52,8 +52,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def served(harness: Harness) -> Iterator[str]:
+def served(served_process: tuple[str, subprocess.Popen[str]]) -> str:
     """`meter provider serve` on the lab's ledger, as a process of its own: its URL."""
+    return served_process[0]
+
+
+@pytest.fixture
+def served_process(harness: Harness) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """`meter provider serve` on the lab's ledger: its URL and its process."""
     lab = harness.lab
     code, status = meter(lab.home, None, "provider", "issue-status")
     assert code == 0 and status["status"] == "GOOD", status
@@ -76,10 +82,11 @@ def served(harness: Harness) -> Iterator[str]:
                 time.sleep(0.1)
         else:
             raise AssertionError("meter provider serve did not answer")
-        yield base
+        yield base, server
     finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=30)
+        if server.poll() is None:
+            server.send_signal(signal.SIGINT)
+            server.communicate(timeout=30)
 
 
 def test_the_served_provider_reloads_and_a_revoked_status_stops_it(
@@ -159,3 +166,20 @@ def test_without_a_status_serve_runs_with_reload_off(device_home: Home) -> None:
         server.send_signal(signal.SIGINT)
         _, err = server.communicate(timeout=30)
     assert "reload is off: no provider status" in err
+
+
+def test_a_damaged_new_status_is_refused_and_the_last_good_one_kept(
+    harness: Harness, served_process: tuple[str, subprocess.Popen[str]]
+) -> None:
+    """An operator copies a broken status file over the good one: serve says so on its
+    error output and keeps stapling the good one, so reloads go on."""
+    served, server = served_process
+    lab = harness.lab
+    status = lab.home.path / "provider" / "status.bin"
+    time.sleep(0.01)
+    status.write_bytes(b"not a provider status")
+    code, result = meter(lab.home, PROVIDER_USER, "reload", "2.00", "--provider", served)
+    assert code == 0 and result["amount"] == 2_000, result
+    server.send_signal(signal.SIGINT)
+    _, err = server.communicate(timeout=30)
+    assert f"provider status {status} not taken" in err and "previous one" in err

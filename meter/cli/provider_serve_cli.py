@@ -74,11 +74,17 @@ def _reload_server(
     def current() -> ReloadServer:
         try:
             mtime = status_file.stat().st_mtime_ns
-            if mtime != seen[0]:
-                server.set_status(status_file.read_bytes())
-                seen[0] = mtime
-        except (OSError, MeterError):
-            pass  # keep stapling the last good status; the meter refuses it once stale
+            if mtime == seen[0]:
+                return server
+            seen[0] = mtime  # looked at once per change, good or not
+            server.set_status(status_file.read_bytes())
+        except (OSError, MeterError) as exc:
+            # Keep stapling the last good status (meters refuse it once stale), and say so.
+            click.echo(
+                f"provider status {status_file} not taken ({exc}); still stapling the "
+                "previous one: issue a new one (meter provider issue-status)",
+                err=True,
+            )
         return server
 
     return current
