@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from _openpgp_card import OpenPGPApplet, VirtualCard
@@ -20,10 +21,17 @@ from meter.custody.card import CardError, CardShareStore, NoCard
 __all__ = ["CARD_SCRIPT", "PIN", "READERS", "Readers"]
 
 READERS = {35963: "Virtual PCD 00 00", 35964: "Virtual PCD 00 01"}
-# How long pcscd may take to see a card come or go: it polls vpcd's readers, and after a
-# card vanished mid-command it reconnects the reader first; under a loaded CI machine
-# that took longer than 5 s once. The waits return as soon as the change is seen.
+# How long pcscd may take to see a card come or go (it polls vpcd's readers, slower on a
+# loaded CI machine); the waits return as soon as the change is seen.
 SEEN_WITHIN_S = 30
+# A card put into a reader within one of vpcd's presence polls (0.4 s) after the previous
+# card vanished mid-command is never powered: vpcd answers pcscd's presence checks with
+# the new card's ATR, but pcscd, which marked the reader empty on the failed command, sees
+# no insertion and reports the reader empty for good (measured with pcscd 1.9.9 and vpcd
+# 3.3: the card gets GET ATR every 0.4 s and never a power-on). Taking the card out and
+# putting it in again after a pause, as a custodian would, makes pcscd see it.
+RESEAT_AFTER_S = 3.0
+RESEAT_PAUSE_S = 1.0
 PIN = "123456"
 CARD_SCRIPT = Path(__file__).with_name("_openpgp_card.py")
 
@@ -39,31 +47,50 @@ class Readers:
         return CardShareStore(READERS[port])
 
     def insert(self, applet: OpenPGPApplet, port: int) -> CardShareStore:
-        self.remove(port)
-        self.cards[port] = VirtualCard(applet, port).insert()
-        self.store(port).wait_for_card(SEEN_WITHIN_S)
+        def put_in() -> None:
+            self.cards[port] = VirtualCard(applet, port).insert()
+
+        self._seat(port, put_in)
         return self.store(port)
 
     def spawn(self, port: int, *options: str) -> subprocess.Popen[bytes]:
         """A card as a process of its own, with tests/_openpgp_card.py's options."""
-        self.remove(port)
         command = [sys.executable, str(CARD_SCRIPT), "--port", str(port), "--pin", PIN]
-        process = subprocess.Popen([*command, *options], stdout=subprocess.DEVNULL)
-        self.processes[port] = process
-        self.store(port).wait_for_card(SEEN_WITHIN_S)
-        return process
+
+        def put_in() -> None:
+            self.processes[port] = subprocess.Popen([*command, *options], stdout=subprocess.DEVNULL)
+
+        self._seat(port, put_in)
+        return self.processes[port]
+
+    def _seat(self, port: int, put_in: Callable[[], None]) -> None:
+        """Put a card in, until pcscd sees it: re-seated if it does not (RESEAT_AFTER_S)."""
+        self.remove(port)
+        deadline = time.monotonic() + SEEN_WITHIN_S
+        while True:
+            put_in()
+            try:
+                self.store(port).wait_for_card(RESEAT_AFTER_S)
+                return
+            except NoCard:
+                if time.monotonic() > deadline:
+                    raise
+            self._take_out(port)
+            time.sleep(RESEAT_PAUSE_S)
 
     def remove(self, port: int) -> None:
+        if self._take_out(port):
+            self.wait_until_empty(port)
+
+    def _take_out(self, port: int) -> bool:
         card = self.cards.pop(port, None)
         process = self.processes.pop(port, None)
-        if card is None and process is None:
-            return
         if card is not None:
             card.remove()
         if process is not None:
             process.kill()
             process.wait(timeout=5)
-        self.wait_until_empty(port)
+        return card is not None or process is not None
 
     def wait_until_empty(self, port: int) -> None:
         deadline = time.monotonic() + SEEN_WITHIN_S

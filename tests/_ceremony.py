@@ -18,10 +18,11 @@ from meter.psd.roles import Role
 PIN = "123456"
 PASSPHRASE = "sealed-share-passphrase-1"
 PORT_OF = {name: port for port, name in READERS.items()}
-_CARD_STEP = re.compile(
-    r"^(\S+): (?:insert your card into reader|your share from the card in reader) '(.+)'$"
+_CARD_STEP = re.compile(r"^(\S+): insert your card into reader '(.+)'$")
+_TAKE_OUT = re.compile(
+    r"^take (\S+)'s card \(serial (\S+)\) out of reader '(.+)': it is (\S+)'s turn$"
 )
-_PIN = re.compile(r"^PIN of (\S+)'s card$")
+_PIN = re.compile(r"^PIN of (\S+)'s card \(serial (\S+)\)$")
 PASSWORDS = dict(ROLE_USERS.values())
 
 
@@ -36,12 +37,32 @@ class People:
     confirmed: list[str] = field(default_factory=list)
     refuse_confirm: str | None = None  # a custodian who does not confirm their fingerprint
     absent: set[str] = field(default_factory=set)  # custodians whose card stays at home
+    # Custodians who leave their card in the reader after their turn: the next one in that
+    # reader puts theirs in only when the ceremony asks for the card left in to come out.
+    leave_in: set[str] = field(default_factory=set)
+    in_reader: dict[str, str] = field(default_factory=dict)  # reader -> whose card
+    waiting: dict[str, str] = field(default_factory=dict)  # reader -> who waits for it
+    pin_asked: list[str] = field(default_factory=list)  # the serial each PIN was asked for
 
     def say(self, message: str) -> None:
         self.said.append(message)
+        if self.readers is None:
+            return
         match = _CARD_STEP.match(message)
-        if match and self.readers is not None and match[1] not in self.absent:
-            self.readers.insert(self.cards[match[1]], PORT_OF[match[2]])
+        if match and match[1] not in self.absent:
+            who, reader = match[1], match[2]
+            if self.in_reader.get(reader, who) != who and self.in_reader[reader] in self.leave_in:
+                self.waiting[reader] = who
+                return
+            self._insert(who, reader)
+        take_out = _TAKE_OUT.match(message)
+        if take_out and self.waiting.get(take_out[3]) == take_out[4]:
+            self._insert(self.waiting.pop(take_out[3]), take_out[3])
+
+    def _insert(self, who: str, reader: str) -> None:
+        assert self.readers is not None
+        self.readers.insert(self.cards[who], PORT_OF[reader])
+        self.in_reader[reader] = who
 
     def password(self, user_id: str) -> str:
         return PASSWORDS[user_id]
@@ -49,6 +70,7 @@ class People:
     def secret(self, what: str) -> str:
         match = _PIN.match(what)
         if match:
+            self.pin_asked.append(match[2])
             return self.pins.get(match[1], PIN)
         return PASSPHRASE
 

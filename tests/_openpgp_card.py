@@ -8,7 +8,7 @@ other is a command APDU, answered with the response APDU. Debian's own vicc does
 on Python 3.11, hence this emulator.
 
 The applet (OpenPGP card spec v3.4, only what the custody layer needs):
-  SELECT   00 A4 04 00 06 D2 76 00 01 24 01   (6A 82 with ``no_applet``)
+  SELECT   00 A4 04 00 06 D2 76 00 01 24 01 [00]   (Le optional; 6A 82 with ``no_applet``)
   VERIFY   00 20 00 82 [PIN]  PW1 mode 82: 63 Cx wrong (x tries left; or 69 82 with
            ``wrong_pin_sw=0x6982``), 69 83 blocked; three tries; no data: the state
   GET DATA 00 CA: 6E (application related data: 4F AID, 5F52, 73 { C0, C4 }), 4F, C0, C4,
@@ -88,6 +88,8 @@ class OpenPGPApplet:
     written_this_session: bool = False
     pending: bytes = b""
     log: list[str] = field(default_factory=list)  # commands seen (INS names), never data
+    # Every command APDU as received, except VERIFY's data (the PIN): its header only.
+    apdus: list[bytes] = field(default_factory=list)
 
     def aid(self) -> bytes:
         return AID_PREFIX + AID_TAIL[:4] + self.serial.to_bytes(4, "big") + AID_TAIL[8:]
@@ -120,6 +122,7 @@ class OpenPGPApplet:
         if cla != 0x00:
             return b"\x6e\x00"
         self.log.append(f"{ins:02X}")
+        self.apdus.append(apdu[:4] if ins == 0x20 else apdu)
         if ins == 0xA4:
             return self._select(p1, p2, data)
         if ins == 0xC0:

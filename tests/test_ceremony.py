@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _card_readers import READERS, Readers
@@ -22,7 +23,7 @@ from meter.cli import workflows
 from meter.cli.device_process import running_device
 from meter.cli.home import Home
 from meter.custody.card import CardRemoved
-from meter.custody.ceremony import Place, export_keys, import_keys
+from meter.custody.ceremony import CeremonyResult, Place, export_keys, import_keys
 from meter.custody.ceremony_transcript import verify_transcript
 from meter.custody.shares import Group, Policy
 from meter.errors import CustodyError, DeviceLocked
@@ -82,6 +83,12 @@ def test_move_to_a_replacement_token_with_cards_sealed_files_and_paper(
     body = verify_transcript(json.loads(files["transcript"].read_text()), audit_pem)
     assert body["outcome"] == "completed" and len(body["shares"]) == 5
     assert [s["custodian"] for s in body["shares"]] == ["alice", "bob", "carol", "dave", "erin"]
+    # Which card took which share: its serial (the PIN was asked for that card only).
+    assert [s.get("card_serial") for s in body["shares"][:3]] == [
+        "FFFE:00000001",
+        "FFFE:00000002",
+        None,
+    ]
     assert body["final_registers"]["statement"]["piece_count"] == 1
     # What the device vouches for itself: the KCVs it wrapped, its serial, who authorized.
     assert body["device"]["kcvs"] == {k["label"]: k["kcv"] for k in bundle["keys"]}
@@ -131,6 +138,11 @@ def test_move_to_a_replacement_token_with_cards_sealed_files_and_paper(
     import_body = verify_transcript(json.loads(imported.files["transcript"].read_text()), audit_pem)
     assert [r["custodian"] for r in import_body["refused"]] == ["alice"]
     assert "blocked" in import_body["refused"][0]["reason"]
+    assert import_body["refused"][0]["card_serial"] == "FFFE:00000001"
+    assert import_body["shares"][0]["card_serial"] == "FFFE:00000002"
+    # Import walks each custodian as export does: card in, PIN, the share confirmed.
+    assert "bob: insert your card into reader 'Virtual PCD 00 01'" in people.said
+    assert any(m.startswith("carol: this is share officers #3") for m in people.confirmed)
 
     # The replacement issues where the source stopped, under the same certificate.
     with _as(target, "security") as psd:
@@ -186,6 +198,12 @@ def test_an_unconfirmed_fingerprint_or_a_pulled_card_stops_the_export_and_change
                 out=tmp_path,
                 prompter=people,
             )
+        # The failed run's transcript says why, signed by the source's audit key.
+        failed = _verified(
+            tmp_path / "move-2.transcript.failed.json", tmp_path / "move-2.bundle.json"
+        )
+        assert failed["outcome"] == "failed" and "carol did not confirm" in failed["reason"]
+        assert [s["custodian"] for s in failed["shares"]] == ["alice", "bob"]
         # Not withdrawn: a customer still issues; and a rerun of the ceremony completes.
         with DeviceClient(device_home.socket) as customer:  # its session ends as it closes
             customer.logon("customer", PASSWORDS["customer"])
@@ -206,6 +224,9 @@ def test_an_unconfirmed_fingerprint_or_a_pulled_card_stops_the_export_and_change
                 prompter=people,
             )
         people.cards["alice"].vanish_on_read = False
+        second = tmp_path / "second"
+        pulled = _verified(second / "move-2.transcript.failed.json", second / "move-2.bundle.json")
+        assert pulled["outcome"] == "failed" and "left reader" in pulled["reason"]
         with DeviceClient(device_home.socket) as customer:  # still not withdrawn
             customer.logon("customer", PASSWORDS["customer"])
             assert customer.get("/v1/status")["module_state"] == "authorized"
@@ -224,3 +245,87 @@ def test_an_unconfirmed_fingerprint_or_a_pulled_card_stops_the_export_and_change
     assert statement["piece_count"] == 1 and statement["ceremony"] == "move-2"
     # The rerun overwrote the cards' shares of the first attempt, with their consent.
     assert any("Overwrite" in message for message in people.confirmed)
+
+
+def _verified(transcript: Path, bundle_path: Path) -> dict[str, Any]:
+    """The transcript's body, checked under the audit key the bundle names."""
+    bundle = json.loads(bundle_path.read_text())
+    spki = next(k for k in bundle["keys"] if k["label"] == "audit-signing")["public_spki"]
+    pem = serialization.load_der_public_key(bytes.fromhex(spki)).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return verify_transcript(json.loads(transcript.read_text()), pem)
+
+
+def test_a_card_left_in_the_reader_gets_no_pin_of_the_next_custodian(
+    device_home: Home, readers: Readers, tmp_path: Path
+) -> None:
+    """alice and bob share one reader, and alice leaves her card in: the ceremony asks for
+    it to come out, and bob's PIN goes only to bob's card."""
+    people = People(
+        readers,
+        {"alice": OpenPGPApplet(serial=1), "bob": OpenPGPApplet(serial=2)},
+        leave_in={"alice"},
+    )
+    with running_device(device_home), DeviceClient(device_home.socket) as client:
+        result = export_keys(
+            client,
+            ceremony="backup-1",
+            purpose="export-backup",
+            policy=Policy([Group("officers", 2, 2)], group_threshold=1),
+            places=[Place("card", FIRST, "alice"), Place("card", FIRST, "bob")],
+            officer="security",
+            custodian="custodian",
+            out=tmp_path,
+            prompter=people,
+        )
+    assert (
+        f"take alice's card (serial FFFE:00000001) out of reader '{FIRST}': it is bob's turn"
+        in (people.said)
+    )
+    assert people.pin_asked == ["FFFE:00000001", "FFFE:00000002"]
+    alice, bob = people.cards["alice"], people.cards["bob"]
+    assert alice.log.count("20") == 1 and bob.log.count("20") == 1  # one VERIFY each
+    assert alice.do_0103 and bob.do_0103 and alice.do_0103 != bob.do_0103
+    serials = [s["card_serial"] for s in result.transcript["transcript"]["shares"]]
+    assert serials == ["FFFE:00000001", "FFFE:00000002"]
+
+
+def test_a_move_whose_last_answer_was_lost_hands_out_its_documents_on_a_rerun(
+    device_home: Home, tmp_path: Path
+) -> None:
+    """The host cannot write the final-register statement after the source committed the
+    move (as if it crashed with the answer): the rerun, refused Key Administration on the
+    withdrawn source, gets the same statement and transcript without any share step."""
+    first, again = tmp_path / "first", tmp_path / "again"
+    (first / "paper-move.final-registers.json").mkdir(parents=True)  # the write fails
+    people = People(None)
+
+    def move(client: DeviceClient, out: Path) -> CeremonyResult:
+        return export_keys(
+            client,
+            ceremony="paper-move",
+            purpose="export-move",
+            policy=Policy([Group("officers", 1, 1)], group_threshold=1),
+            places=[Place("paper", str(out / "p.txt"), "dave")],
+            officer="security",
+            custodian="custodian",
+            out=out,
+            prompter=people,
+        )
+
+    with running_device(device_home), DeviceClient(device_home.socket) as client:
+        with pytest.raises(IsADirectoryError):
+            move(client, first)
+        assert not list(first.glob("*transcript*"))  # no "failed": it moved
+        assert any("rerun with --ceremony-id paper-move" in m for m in people.said)
+        people.said.clear()
+        result = move(client, again)
+        status = client.get("/v1/status")
+    assert not any(m.startswith("Share for") for m in people.said)  # no share asked again
+    assert not (again / "p.txt").exists() and "bundle" not in result.files
+    body = _verified(result.files["transcript"], first / "paper-move.bundle.json")
+    assert body["outcome"] == "completed" and [s["custodian"] for s in body["shares"]] == ["dave"]
+    statement = json.loads(result.files["final_registers"].read_text())
+    assert statement == body["final_registers"] and statement["statement"]["piece_count"] == 0
+    assert status["module_state"] == "withdrawn"

@@ -167,7 +167,7 @@ def test_export_verify_and_import_from_the_command_line(
                 "custodian",
                 "--out",
                 str(out),
-                input=f"{PIN}\n{PASSPHRASE}\n",
+                input=f"{PIN}\ny\n{PASSPHRASE}\ny\n",
             )
         )
     assert imported["outcome"] == "completed"

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from _openpgp_card import OpenPGPApplet
 from conftest import require_service
+from cryptography.hazmat.primitives import serialization
 from test_custody_card import READERS, Readers
 
 from meter.cli.device_process import running_device
@@ -20,10 +21,12 @@ from meter.cli.home import Home
 from meter.custody import paper
 from meter.custody.card import CardError, list_readers
 from meter.custody.ceremony import Place, import_keys
+from meter.custody.ceremony_transcript import verify_transcript
 from meter.custody.shares import CustodyShare, Group, Policy, split
-from meter.errors import CustodyError
+from meter.errors import ConfigurationError, CustodyError, MeterError
 from meter.host import DeviceClient
-from tests._ceremony import PIN, People, target_home
+from meter.psd.firmware import PSD
+from tests._ceremony import PASSWORDS, PIN, People, target_home
 from tests.test_ceremony_refusals import _move
 
 POLICY = Policy([Group("officers", 2, 3)], group_threshold=1)
@@ -63,6 +66,7 @@ def _run(
             custodian="custodian",
             out=bundle.parent / "out",
             prompter=people,
+            after_import=kw.get("after_import"),
         )
     return result.device
 
@@ -93,6 +97,16 @@ def test_bad_shares_are_refused_and_change_nothing(
     with running_device(target):
         with pytest.raises(CustodyError, match="not enough shares"):
             _run(target, moved, [one])
+        # The failed import's transcript: no audit key on the target yet, so unsigned, and
+        # saying so; the device's audit log keeps it too (checked below).
+        document = json.loads((tmp_path / "out" / "m1.import-transcript.failed.json").read_text())
+        body = document["transcript"]
+        assert body["outcome"] == "failed" and "not enough shares" in body["reason"]
+        assert document["signature"] is None and "no audit key" in document["unsigned"]
+        assert [s["custodian"] for s in body["shares"]] == ["alice"]
+        with pytest.raises(CustodyError, match="not signed: the device has no audit key"):
+            verify_transcript(document, (tmp_path / "root.pem").read_bytes())
+        _still_empty(target)
         with pytest.raises(CustodyError, match=r"different splits|digest"):
             _run(target, moved, [one, other])
         people = People(None)
@@ -105,6 +119,47 @@ def test_bad_shares_are_refused_and_change_nothing(
         _still_empty(target)
         result = _run(target, moved, [one, two])
     assert result["registers"]["descending"] == 100_000
+    with PSD.power_up(target.open_device_token(), target.device) as psd:
+        psd.logon("custodian", PASSWORDS["custodian"])
+        kept = [r for r in psd.audit.records() if r.service == "ceremony-transcript"]
+    outcomes = [(r.values["transcript"]["outcome"], "unsigned" in r.values) for r in kept]
+    assert outcomes[0] == ("failed", True) and outcomes[-1] == ("completed", False)
+
+
+def test_an_import_whose_transcript_was_not_signed_is_finished_by_a_rerun(
+    moved: tuple[Path, Path, list[CustodyShare]], tmp_path: Path
+) -> None:
+    """The target's device dies between the import (committed) and the transcript: the
+    rerun asks for no share, checks the KCVs, and has the imported audit key sign it."""
+    _, _, shares = moved
+    target = target_home(tmp_path / "target")
+    places = [_sheet(tmp_path / f"{n}.txt", shares[n], who) for n, who in ((0, "a"), (1, "b"))]
+    out = tmp_path / "out" / "m1.import-transcript.json"
+    with running_device(target) as device:
+
+        def die() -> None:  # the device process dies with the import's answer sent
+            device.kill()
+            device.wait(timeout=10)
+
+        with pytest.raises(MeterError):
+            _run(target, moved, places, after_import=die)
+    lost = json.loads(out.with_name("m1.import-transcript.failed.json").read_text())
+    assert lost["signature"] is None and "rerun the same import" in lost["transcript"]["reason"]
+    people = People(None)
+    with running_device(target):
+        assert _run(target, moved, places, people=people) == {"resumed": "transcript"}
+        assert not any(m.startswith(("a:", "b:")) for m in people.said)  # no share asked
+        # Signed now: a further rerun is a second import, refused.
+        with pytest.raises(ConfigurationError, match="holds a meter signing key already"):
+            _run(target, moved, places)
+    document = json.loads(out.read_text())
+    spki = json.loads(moved[0].read_text())["keys"]
+    audit = next(k for k in spki if k["label"] == "audit-signing")["public_spki"]
+    pem = serialization.load_der_public_key(bytes.fromhex(audit)).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    body = verify_transcript(document, pem)
+    assert body["outcome"] == "completed" and body["device"]["kcvs"] == body["keys"]["kcvs"]
 
 
 def test_a_card_pulled_out_mid_read_is_skipped_and_others_make_up_the_count(

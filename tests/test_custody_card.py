@@ -20,6 +20,7 @@ from meter.custody.card import (
     CardError,
     CardRemoved,
     CardShareStore,
+    CardStatus,
     NoCard,
     NoOpenPGPApplet,
     PinBlocked,
@@ -52,6 +53,33 @@ def test_two_cards_in_two_readers(
     back = [one.read(PIN), two.read(PIN)]
     assert back == officers[:2]
     assert combine(back).secret == secret
+
+
+def test_the_select_is_the_specs_apdu_with_le(readers: Readers) -> None:
+    applet = OpenPGPApplet()
+    readers.insert(applet, FIRST).status()
+    # 00 A4 04 00 06 D2 76 00 01 24 01 00: case 4, Le 00, byte for byte as the card got it.
+    assert applet.apdus[0] == bytes.fromhex("00A4040006D2760001240100")
+
+
+def test_a_pin_goes_only_to_the_card_it_was_asked_for(
+    readers: Readers, shares: tuple[bytes, list[CustodyShare]]
+) -> None:
+    applet = OpenPGPApplet(serial=7)
+    store = readers.insert(applet, FIRST)
+    with pytest.raises(
+        CardError, match=r"serial FFFE:00000007, not FFFE:00000001.*nothing was sent"
+    ):
+        store.read(PIN, serial="FFFE:00000001")
+    with pytest.raises(CardError, match="not FFFE:00000001"):
+        store.write(shares[1][0], PIN, serial="FFFE:00000001")
+    assert "20" not in applet.log and applet.do_0103 == b""
+    # The next custodian's wait: the card with the previous serial is reported, not taken.
+    seen: list[CardStatus] = []
+    with pytest.raises(NoCard, match=r"no new card .* \(only the card with serial FFFE:00000007\)"):
+        store.wait_for_next_card(0.3, other_than="FFFE:00000007", still_there=seen.append)
+    assert [s.serial for s in seen] == ["FFFE:00000007"]
+    assert store.wait_for_next_card(0.3, other_than="FFFE:00000001").serial == "FFFE:00000007"
 
 
 def test_wrong_pin_counts_down_then_blocks(

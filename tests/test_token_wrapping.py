@@ -11,10 +11,12 @@ from pkcs11 import Attribute, KeyType, ObjectClass
 from meter.cli import provision
 from meter.cli.home import Home
 from meter.errors import ConfigurationError, TokenError
+from meter.psd.firmware import PSD
+from meter.psd.firmware_core import AUDIT_KEY_LABEL
 from meter.psd.register_store import MAC_KEY_LABEL
 from meter.token import KeyAlgorithm, Token
 from meter.token import wrapping as w
-from tests.conftest import TEST_METER_PINS, open_meter_token
+from tests.conftest import TEST_METER_PINS, TEST_PASSWORDS, open_meter_token
 
 SIGNING = "indicium-signing"
 
@@ -35,17 +37,35 @@ def _untrusted_aes(token: Token, label: str) -> None:
         )
 
 
+# The three keys a ceremony moves (meter.psd.services_custody_formats.CEREMONY_KEYS).
+MOVED: list[tuple[str, w.KeyClass]] = [
+    (SIGNING, "private"),
+    (MAC_KEY_LABEL, "secret"),
+    (AUDIT_KEY_LABEL, "private"),
+]
+
+
+def _with_audit_key(home: Home) -> Home:
+    """The audit key as the device makes it (Create Audit Key: the Security Officer)."""
+    with PSD.power_up(home.open_device_token(), home.device) as psd:
+        psd.logon("security", TEST_PASSWORDS["METER_SO_PASSWORD"])
+        psd.create_audit_key()
+    return home
+
+
 def test_meter_keys_are_extractable_only_under_a_trusted_key(provisioned: Home) -> None:
-    with open_meter_token(provisioned) as token:
-        for label, kind in ((SIGNING, "private"), (MAC_KEY_LABEL, "secret")):
-            key = w.describe_key(token, label, kind)  # type: ignore[arg-type]
+    with open_meter_token(_with_audit_key(provisioned)) as token:
+        for label, kind in MOVED:
+            key = w.describe_key(token, label, kind)
             assert (key.extractable, key.wrap_with_trusted, key.sensitive) == (True, True, True)
 
 
-@pytest.mark.parametrize("label,kind", [(SIGNING, "private"), (MAC_KEY_LABEL, "secret")])
+@pytest.mark.parametrize("label,kind", MOVED)
 def test_the_token_refuses_to_wrap_under_an_untrusted_key(
     provisioned: Home, label: str, kind: w.KeyClass
 ) -> None:
+    if label == AUDIT_KEY_LABEL:
+        _with_audit_key(provisioned)
     with open_meter_token(provisioned) as token:
         _untrusted_aes(token, "ceremony-transport-untrusted")
         key = w.describe_key(token, label, kind)

@@ -4,7 +4,7 @@ Custodians can keep their share on a card they already own (Nitrokey 3, YubiKey 
 OpenPGP card v3 with private DOs). DO 0103 is read and written only after PW1 is verified
 in mode 82, so the card's own PIN and retry counter guard the share. The commands:
 
-    SELECT       00 A4 04 00 06 D2 76 00 01 24 01
+    SELECT       00 A4 04 00 06 D2 76 00 01 24 01 00   (Le 00: the card may return its FCI)
     GET DATA     00 CA 00 6E 00   application related data: C0 and C4 inside
     VERIFY       00 20 00 82 Lc PIN
     GET DATA     00 CA 01 03 00
@@ -26,9 +26,8 @@ This module is the only importer of ``smartcard`` (pyscard) in the meter package
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from typing import Any
 
 from smartcard import scard
@@ -36,13 +35,21 @@ from smartcard.Exceptions import CardConnectionException, NoCardException, Smart
 from smartcard.pcsc.PCSCExceptions import BaseSCardException
 from smartcard.System import readers as pcsc_readers
 
-from meter.custody.shares import CustodyShare
-from meter.errors import (
-    AuthenticationFailed,
-    CustodyError,
-    LockedOut,
-    TokenUnavailable,
+from meter.custody.card_types import (
+    CardError,
+    CardRemoved,
+    CardStatus,
+    NoCard,
+    NoOpenPGPApplet,
+    PinBlocked,
+    ReadersUnavailable,
+    WrongPin,
+    blocked_message,
+    describe_record,
+    find_tlv,
+    undone_message,
 )
+from meter.custody.shares import CustodyShare
 
 __all__ = [
     "CardError",
@@ -58,7 +65,8 @@ __all__ = [
 ]
 
 OPENPGP_AID = [0xD2, 0x76, 0x00, 0x01, 0x24, 0x01]
-_SELECT = [0x00, 0xA4, 0x04, 0x00, len(OPENPGP_AID), *OPENPGP_AID]
+# With Le = 00 (case 4): the spec's SELECT; some cards answer it with an FCI, which we skip.
+_SELECT = [0x00, 0xA4, 0x04, 0x00, len(OPENPGP_AID), *OPENPGP_AID, 0x00]
 _VERIFY_PW1_82 = [0x00, 0x20, 0x00, 0x82]
 _PUT_DATA_0103 = [0x00, 0xDA, 0x01, 0x03]
 _SHORT_APDU_DATA = 255  # longest data field of a short APDU: no chaining, no extended length
@@ -75,50 +83,6 @@ _GONE = {
     scard.SCARD_E_READER_UNAVAILABLE,
     scard.SCARD_W_UNRESPONSIVE_CARD,
 }
-
-
-class CardError(CustodyError):
-    """A card refused or failed an operation; the message names the reader and the step."""
-
-
-class ReadersUnavailable(CardError, TokenUnavailable):
-    """pcscd does not answer, or no reader of that name: start it, plug the reader in."""
-
-
-class NoCard(CardError, TokenUnavailable):
-    """No card in the reader: insert it."""
-
-
-class CardRemoved(NoCard):
-    """The card left the reader during an operation: the message says what was done."""
-
-
-class NoOpenPGPApplet(CardError):
-    """The card has no OpenPGP application (SELECT answered 6A 82)."""
-
-
-class WrongPin(CardError, AuthenticationFailed):
-    """PW1 was wrong; ``tries_left`` from the card (None when it did not say)."""
-
-    def __init__(self, message: str, tries_left: int | None) -> None:
-        super().__init__(message)
-        self.tries_left = tries_left
-
-
-class PinBlocked(CardError, LockedOut):
-    """PW1 is blocked (69 83): unblock it with the reset code or admin PIN (gpg --card-edit)."""
-
-
-@dataclass(frozen=True)
-class CardStatus:
-    """What the card says about itself, read before any PIN is sent."""
-
-    reader: str
-    serial: str  # manufacturer and serial number from the AID, as gpg shows them
-    version: str
-    private_dos: bool
-    max_share: int  # bytes DO 0103 can hold
-    pin_tries: int  # PW1's tries left
 
 
 def list_readers() -> list[str]:
@@ -147,20 +111,57 @@ class CardShareStore:
                     raise
                 time.sleep(0.1)
 
+    def wait_for_next_card(
+        self,
+        timeout: float,
+        *,
+        other_than: str | None = None,
+        still_there: Callable[[CardStatus], None] | None = None,
+    ) -> CardStatus:
+        """The status of the OpenPGP card in the reader once there is one whose serial is not
+        ``other_than`` (the previous custodian's card in this reader): a card left in must
+        not receive the next custodian's PIN. ``still_there`` is told once when that card is
+        still in; NoCard after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        told = False
+        while True:
+            try:
+                status = self.status()
+            except NoCard:
+                status = None
+            if status is not None:
+                if status.serial != other_than:
+                    return status
+                if still_there is not None and not told:
+                    still_there(status)
+                    told = True
+            if time.monotonic() > deadline:
+                seen = "" if status is None else f" (only the card with serial {status.serial})"
+                raise NoCard(f"no new card in reader {self.reader} within {timeout:g} s{seen}")
+            time.sleep(0.1)
+
     def status(self) -> CardStatus:
         with self._session() as card:
             return card.status()
 
-    def write(self, share: CustodyShare, pin: str, *, overwrite: bool = False) -> CardStatus:
+    def write(
+        self,
+        share: CustodyShare,
+        pin: str,
+        *,
+        overwrite: bool = False,
+        serial: str | None = None,
+    ) -> CardStatus:
         """Store ``share`` in DO 0103, read it back and compare.
 
-        Refused before the PIN is sent if the record does not fit or PW1 is blocked; after
-        it, if the card holds another share (unless ``overwrite``): a custodian's card may
-        still carry a share an earlier ceremony needs.
+        Refused before the PIN is sent if the record does not fit, PW1 is blocked, or the
+        card is not the one with ``serial`` (the card the PIN was asked for); after it, if
+        the card holds another share (unless ``overwrite``): a custodian's card may still
+        carry a share an earlier ceremony needs.
         """
         record = share.to_record()
         with self._session() as card:
-            status = card.status()
+            status = card.status(serial)
             limit = min(status.max_share, _SHORT_APDU_DATA)
             if len(record) > limit:
                 raise CardError(
@@ -172,7 +173,7 @@ class CardShareStore:
             if held and held != record and not overwrite:
                 raise CardError(
                     f"the card in {self.reader} (serial {status.serial}) already holds "
-                    f"{_describe(held)}: erase it first, or overwrite it on purpose"
+                    f"{describe_record(held)}: erase it first, or overwrite it on purpose"
                 )
             sw = card.put_0103(record, "writing the share")
             if sw != _OK:
@@ -186,10 +187,11 @@ class CardShareStore:
                 )
             return card.status()
 
-    def read(self, pin: str) -> CustodyShare:
-        """The share in DO 0103, checked (fingerprint, RS1024 checksum) before it is returned."""
+    def read(self, pin: str, *, serial: str | None = None) -> CustodyShare:
+        """The share in DO 0103, checked (fingerprint, RS1024 checksum) before it is returned;
+        refused before the PIN is sent if the card is not the one with ``serial``."""
         with self._session() as card:
-            status = card.status()
+            status = card.status(serial)
             card.verify(pin, status)
             record = card.get_0103("reading the share")
             if not record:
@@ -269,7 +271,7 @@ class _Card:
             if exc.hresult in _GONE or exc.hresult == scard.SCARD_S_SUCCESS:
                 raise CardRemoved(
                     f"the card left reader {self.reader} (or stopped answering) while {step}: "
-                    + _undone(step)
+                    + undone_message(step)
                 ) from None
             raise CardError(f"reader {self.reader} failed while {step}: {exc}") from None
         return bytes(data), sw1 << 8 | sw2
@@ -283,13 +285,24 @@ class _Card:
                 f"the card in {self.reader} answered {sw:04X} to SELECT of the OpenPGP application"
             )
 
-    def status(self) -> CardStatus:
+    def status(self, serial: str | None = None) -> CardStatus:
+        """The card's status; with ``serial``, refused unless it is that card (the PIN was
+        asked for it: a card swapped in since must not receive it)."""
+        status = self._status()
+        if serial is not None and status.serial != serial:
+            raise CardError(
+                f"the card in {self.reader} is now the one with serial {status.serial}, not "
+                f"{serial} (the card the PIN was asked for): nothing was sent to it"
+            )
+        return status
+
+    def _status(self) -> CardStatus:
         data, sw = self.send([0x00, 0xCA, 0x00, 0x6E, 0x00], "reading the card's capabilities")
         if sw != _OK:
             raise CardError(f"the card in {self.reader} answered {sw:04X} to GET DATA 6E")
-        aid = _find(data, 0x4F) or self._simple(0x4F)
-        extcap = _find(data, 0xC0) or self._simple(0xC0)
-        pw_status = _find(data, 0xC4) or self._simple(0xC4)
+        aid = find_tlv(data, 0x4F) or self._simple(0x4F)
+        extcap = find_tlv(data, 0xC0) or self._simple(0xC0)
+        pw_status = find_tlv(data, 0xC4) or self._simple(0xC4)
         if len(aid) < 14 or len(extcap) < 8 or len(pw_status) < 7:
             raise CardError(
                 f"the card in {self.reader} reports no usable AID, C0 or C4: not an OpenPGP card v2+"
@@ -319,7 +332,7 @@ class _Card:
 
     def verify(self, pin: str, status: CardStatus) -> None:
         if status.pin_tries == 0:
-            raise PinBlocked(_blocked(status))
+            raise PinBlocked(blocked_message(status))
         secret = pin.encode()
         if not _PW1_MIN <= len(secret) <= 127:
             # Refused here: a PIN the card cannot accept would still cost a try.
@@ -328,11 +341,11 @@ class _Card:
         if sw == _OK:
             return
         if sw == 0x6983:
-            raise PinBlocked(_blocked(status))
+            raise PinBlocked(blocked_message(status))
         if sw & 0xFFF0 == 0x63C0 or sw == 0x6982:
             tries = sw & 0x0F if sw >> 8 == 0x63 else self.status_tries()
             if tries == 0:
-                raise PinBlocked(f"wrong PIN: {_blocked(status)}")
+                raise PinBlocked(f"wrong PIN: {blocked_message(status)}")
             left = {None: "an unknown number of tries", 1: "1 try"}.get(tries, f"{tries} tries")
             raise WrongPin(
                 f"wrong PIN for the card in {self.reader} (serial {status.serial}): "
@@ -367,60 +380,3 @@ def _readers() -> list[Any]:
         return list(pcsc_readers())
     except (BaseSCardException, SmartcardException) as exc:
         raise ReadersUnavailable(f"PC/SC is unavailable (is pcscd running?): {exc}") from None
-
-
-def _find(data: bytes, wanted: int) -> bytes:
-    """The value of BER-TLV tag ``wanted`` in ``data``, searched into constructed tags."""
-    at = 0
-    while at < len(data):
-        if data[at] in (0x00, 0xFF):  # padding between objects
-            at += 1
-            continue
-        tag = data[at]
-        constructed = bool(tag & 0x20)
-        at += 1
-        if tag & 0x1F == 0x1F:  # a multi-byte tag: continues while bit 8 is set
-            while at < len(data) and data[at] & 0x80:
-                tag = tag << 8 | data[at]
-                at += 1
-            if at >= len(data):
-                return b""
-            tag = tag << 8 | data[at]
-            at += 1
-        if at >= len(data):
-            return b""
-        length = data[at]
-        at += 1
-        if length & 0x80:
-            count = length & 0x7F
-            length = int.from_bytes(data[at : at + count], "big")
-            at += count
-        value = data[at : at + length]
-        at += length
-        if tag == wanted:
-            return value
-        if constructed:
-            found = _find(value, wanted)
-            if found:
-                return found
-    return b""
-
-
-def _describe(record: bytes) -> str:
-    try:
-        return f"share {CustodyShare.from_record(record).label()}"
-    except CustodyError:
-        return f"{len(record)} bytes that are no readable share"
-
-
-def _blocked(status: CardStatus) -> str:
-    return (
-        f"PW1 of the card in {status.reader} (serial {status.serial}) is blocked: unblock it "
-        "with the reset code or the admin PIN (gpg --card-edit, admin, passwd); nothing was read or written"
-    )
-
-
-def _undone(step: str) -> str:
-    if step.startswith("writing"):
-        return "the share may or may not be on the card; reinsert it and read it back"
-    return "nothing was changed on the card; reinsert it and try again"

@@ -26,8 +26,7 @@ import hashlib
 import json
 import os
 import secrets
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,12 +35,11 @@ from typing import Any, Literal, Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from meter.custody import paper, sealed
-from meter.custody.card import CardError, CardShareStore
+from meter.custody import sealed
 from meter.custody.ceremony_transcript import Transcript, write_json
-from meter.custody.shares import CustodyShare, Policy, combine, split
-from meter.durable import write_atomically
-from meter.errors import AuthenticationFailed, CustodyError, InvalidInput, MeterError
+from meter.custody.ceremony_turns import Run, Turns
+from meter.custody.shares import Policy, combine, split
+from meter.errors import InvalidInput
 from meter.host import DeviceClient
 
 __all__ = [
@@ -55,7 +53,6 @@ __all__ = [
 ]
 
 PlaceKind = Literal["card", "sealed", "paper"]
-CARD_WAIT_S = 120.0
 
 
 class Prompter(Protocol):
@@ -127,20 +124,50 @@ def export_keys(
     """Export the device's keys under a fresh split transport key (see the module doc).
 
     ``places`` gives one place per share, in `split`'s order: group by group, member by
-    member. ``after_wrap`` runs once the keys are wrapped (tests interrupt there).
+    member. ``after_wrap`` runs once the keys are wrapped (tests interrupt there). A rerun
+    of a move whose last step committed (its answer lost) hands out its documents again.
+    Any failure writes the transcript with outcome "failed" and the reason, then raises.
     """
     count = sum(g.count for g in policy.groups)
     if len(places) != count:
         raise InvalidInput(f"the policy makes {count} shares but {len(places)} places were given")
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
-    transcript = Transcript.begin(ceremony, purpose, policy, client)
+    run = Run(client, prompter, Transcript.begin(ceremony, purpose, policy, client), custodian)
     prompter.say(f"Ceremony {ceremony} ({purpose}): {policy.describe()}")
-    with _session(client, officer, prompter, transcript, "Security Officer: authorize"):
+    try:
+        return _export(run, purpose, policy, places, officer, out, after_wrap)
+    except Exception as exc:
+        run.failed(exc, out / f"{ceremony}.transcript.json")
+        raise
+
+
+def _export(
+    run: Run,
+    purpose: str,
+    policy: Policy,
+    places: Sequence[Place],
+    officer: str,
+    out: Path,
+    after_wrap: Callable[[], None] | None,
+) -> CeremonyResult:
+    client, prompter, transcript = run.client, run.prompter, run.transcript
+    ceremony = transcript.ceremony
+    files = {"bundle": out / f"{ceremony}.bundle.json"}
+    with run.session(officer, "Security Officer: authorize"):
+        # After a move's commit the device refuses Key Administration: a rerun whose
+        # first run lost the last answer takes the documents the device keeps.
+        if client.get("/v1/status").get("withdrawn_for") == ceremony:
+            run.committed = True
+            prompter.say(f"the device was withdrawn for {ceremony}: its documents again")
+            moved = client.post(
+                "/v1/ceremony/finish-move", {"ceremony": ceremony, "transcript": transcript.body()}
+            )
+            return _moved(run, moved, files)
         client.post("/v1/ceremony/authorize", {"ceremony": ceremony, "purpose": purpose})
     key = bytearray(os.urandom(32))
     try:
         shares = split(bytes(key), policy, ceremony)
-        with _session(client, custodian, prompter, transcript, "Key Custodian: wrap the keys"):
+        with run.session(run.custodian, "Key Custodian: wrap the keys"):
             bundle: dict[str, Any] = client.post(
                 "/v1/ceremony/export", {"ceremony": ceremony, "transport_key_hex": key.hex()}
             )
@@ -148,62 +175,47 @@ def export_keys(
         key[:] = bytes(len(key))  # the host's copy; see docs/custody.md for the others
         del key
     transcript.exported(bundle, shares[0].check)
-    files = {"bundle": out / f"{ceremony}.bundle.json"}
     write_json(files["bundle"], bundle)  # before any share: no share without its bundle
     if after_wrap is not None:
         after_wrap()
+    turns = Turns(prompter)
     for share, place in zip(shares, places, strict=True):
-        _put_share(share, place, prompter)
-        transcript.share_stored(share, place)
+        turns.put(share, place, transcript)
     transcript.outcome = "completed"
     if purpose == "export-move":
-        with _session(client, officer, prompter, transcript, "Security Officer: finish the move"):
+        with run.session(officer, "Security Officer: finish the move"):
+            run.finishing = True
             moved = client.post(
                 "/v1/ceremony/finish-move",
                 {"ceremony": ceremony, "transcript": transcript.body()},
             )
-        files["final_registers"] = out / f"{ceremony}.final-registers.json"
-        write_json(files["final_registers"], moved["final_registers"])
-        document = moved["transcript"]
-    else:
-        with _session(client, custodian, prompter, transcript, "Key Custodian: sign transcript"):
-            document = client.post(
-                "/v1/ceremony/transcript", {"ceremony": ceremony, "transcript": transcript.body()}
-            )
-    files["transcript"] = out / f"{ceremony}.transcript.json"
-    write_json(files["transcript"], document)
-    prompter.say(f"Ceremony {ceremony} done: transcript {files['transcript']}")
-    return CeremonyResult(ceremony, files, document)
-
-
-def _put_share(share: CustodyShare, place: Place, prompter: Prompter) -> None:
-    who = f"{place.custodian} ({share.group} #{share.member} of {share.members})"
-    prompter.say(f"Share for {who}: {place.describe()}")
-    if place.kind == "card":
-        store = CardShareStore(place.where)
-        prompter.say(f"{place.custodian}: insert your card into reader {place.where!r}")
-        store.wait_for_card(CARD_WAIT_S)
-        pin = prompter.secret(f"PIN of {place.custodian}'s card")
-        try:
-            store.write(share, pin)
-        except CardError as exc:
-            if "already holds" not in str(exc) or not prompter.confirm(
-                f"{exc}. Overwrite it with the share of ceremony {share.ceremony}?"
-            ):
-                raise
-            store.write(share, pin, overwrite=True)
-    elif place.kind == "sealed":
-        passphrase = prompter.secret(f"new passphrase for {place.where} ({place.custodian})")
-        sealed.seal(share, Path(place.where), passphrase, log2_n=place.log2_n)
-    else:
-        write_atomically(Path(place.where), paper.to_paper(share).encode())
-    if not prompter.confirm(
-        f"{place.custodian}: your share's fingerprint is {share.fingerprint}. Noted it?"
-    ):
-        raise CustodyError(
-            f"{place.custodian} did not confirm the share {share.label()}: the ceremony stops "
-            "here; the device is unchanged (rerun it with the same ceremony id)"
+            run.committed = True
+        return _moved(run, moved, files)
+    with run.session(run.custodian, "Key Custodian: sign transcript"):
+        document = client.post(
+            "/v1/ceremony/transcript", {"ceremony": ceremony, "transcript": transcript.body()}
         )
+    return _done(run, files, out / f"{ceremony}.transcript.json", document)
+
+
+def _moved(run: Run, moved: dict[str, Any], files: dict[str, Path]) -> CeremonyResult:
+    out = files["bundle"].parent
+    ceremony = run.transcript.ceremony
+    if not files["bundle"].exists():
+        # Written by the first run, before any share; the transcript names its SHA-256.
+        del files["bundle"]
+    files["final_registers"] = out / f"{ceremony}.final-registers.json"
+    write_json(files["final_registers"], moved["final_registers"])
+    return _done(run, files, out / f"{ceremony}.transcript.json", moved["transcript"])
+
+
+def _done(
+    run: Run, files: dict[str, Path], path: Path, document: dict[str, Any], device: Any = None
+) -> CeremonyResult:
+    files["transcript"] = path
+    write_json(path, document)
+    run.prompter.say(f"Ceremony {run.transcript.ceremony} done: transcript {path}")
+    return CeremonyResult(run.transcript.ceremony, files, document, device or {})
 
 
 # -- import --------------------------------------------------------------------------
@@ -221,19 +233,56 @@ def import_keys(
     custodian: str,
     out: Path,
     prompter: Prompter,
+    after_import: Callable[[], None] | None = None,
 ) -> CeremonyResult:
     """Import an export bundle into this (new) device from k custodians' shares.
 
     ``postal_root_pem`` is the postal root the Security Officer trusts (from the
     authority, not from the bundle): a bundle certified under another root is refused.
+    A rerun of an import that committed but whose transcript was not signed signs it,
+    without shares. ``after_import`` runs once the keys are in (tests interrupt there).
+    Any failure writes the transcript with outcome "failed" and the reason, then raises.
     """
     bundle = _read_json(bundle_path, "export bundle")
     statement = _read_json(final_registers_path, "final-register statement")
     ceremony = str(bundle.get("ceremony", ""))
-    transcript = Transcript.begin(ceremony, "import", None, client)
+    run = Run(client, prompter, Transcript.begin(ceremony, "import", None, client), custodian)
     prompter.say(f"Import of ceremony {ceremony} into this device")
-    with _session(client, officer, prompter, transcript, "Security Officer: authorize"):
-        client.post(
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = out / f"{ceremony}.import-transcript.json"
+    try:
+        return _import(
+            run,
+            bundle,
+            statement,
+            places,
+            expected_check,
+            postal_root_pem,
+            officer,
+            path,
+            after_import,
+        )
+    except Exception as exc:
+        run.failed(exc, path)
+        raise
+
+
+def _import(
+    run: Run,
+    bundle: dict[str, Any],
+    statement: dict[str, Any],
+    places: Sequence[Place],
+    expected_check: bytes,
+    postal_root_pem: bytes,
+    officer: str,
+    path: Path,
+    after_import: Callable[[], None] | None,
+) -> CeremonyResult:
+    client, prompter, transcript = run.client, run.prompter, run.transcript
+    ceremony = transcript.ceremony
+    kcvs = {str(k.get("label")): str(k.get("kcv")) for k in bundle.get("keys", [])}
+    with run.session(officer, "Security Officer: authorize"):
+        authorized = client.post(
             "/v1/ceremony/authorize",
             {
                 "ceremony": ceremony,
@@ -241,11 +290,22 @@ def import_keys(
                 "postal_root_sha256": _root_sha256(postal_root_pem),
             },
         )
-    shares = collect_shares(places, prompter, transcript)
+    if authorized.get("resume") == "transcript":
+        # The keys went in on an earlier run, whose transcript was never signed.
+        run.committed = True
+        prompter.say(f"the import of {ceremony} committed earlier: only its transcript remains")
+        transcript.keys = {"kcvs": kcvs, "resumed": "the keys were imported by an earlier run"}
+        transcript.outcome = "completed"
+        with run.session(run.custodian, "Key Custodian: sign transcript"):
+            document = client.post(
+                "/v1/ceremony/transcript", {"ceremony": ceremony, "transcript": transcript.body()}
+            )
+        return _done(run, {}, path, document, {"resumed": "transcript"})
+    shares = Turns(prompter).collect(list(places), transcript)
     recovery = combine(shares, expected_check=expected_check)
     key = bytearray(recovery.secret)
     try:
-        with _session(client, custodian, prompter, transcript, "Key Custodian: unwrap and check"):
+        with run.session(run.custodian, "Key Custodian: unwrap and check"):
             result: dict[str, Any] = client.post(
                 "/v1/ceremony/import",
                 {
@@ -254,7 +314,10 @@ def import_keys(
                     "final_registers": statement,
                 },
             )
+            run.committed = True
             transcript.imported(result, recovery.used, recovery.spare)
+            if after_import is not None:
+                after_import()
             transcript.outcome = "completed"
             document = client.post(
                 "/v1/ceremony/transcript", {"ceremony": ceremony, "transcript": transcript.body()}
@@ -262,66 +325,10 @@ def import_keys(
     finally:
         key[:] = bytes(len(key))
         del key
-    files = {"transcript": out / f"{ceremony}.import-transcript.json"}
-    out.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_json(files["transcript"], document)
-    prompter.say(f"Import of {ceremony} done: transcript {files['transcript']}")
-    return CeremonyResult(ceremony, files, document, result)
-
-
-def collect_shares(
-    places: Sequence[Place], prompter: Prompter, transcript: Transcript
-) -> list[CustodyShare]:
-    """Every share the custodians present; one that cannot be read is reported and skipped
-    (a blocked PIN, a removed card), so that other custodians can still make up the count."""
-    shares: list[CustodyShare] = []
-    for place in places:
-        prompter.say(f"{place.custodian}: your share from {place.describe()}")
-        try:
-            share = _get_share(place, prompter)
-        except (CustodyError, AuthenticationFailed) as exc:
-            # Card refusals are CustodyErrors (WrongPin also AuthenticationFailed).
-            transcript.share_refused(place, str(exc))
-            prompter.say(f"not used: {exc}")
-            continue
-        transcript.share_presented(share, place)
-        shares.append(share)
-    return shares
-
-
-def _get_share(place: Place, prompter: Prompter) -> CustodyShare:
-    if place.kind == "card":
-        store = CardShareStore(place.where)
-        store.wait_for_card(CARD_WAIT_S)
-        return store.read(prompter.secret(f"PIN of {place.custodian}'s card"))
-    if place.kind == "sealed":
-        return sealed.unseal(Path(place.where), prompter.secret(f"passphrase of {place.where}"))
-    try:
-        text = Path(place.where).read_text()
-    except OSError as exc:
-        raise CustodyError(f"cannot read the paper share {place.where}: {exc}") from exc
-    return paper.from_paper(text)
+    return _done(run, {}, path, document, result)
 
 
 # -- helpers --------------------------------------------------------------------------
-
-
-@contextmanager
-def _session(
-    client: DeviceClient, user_id: str, prompter: Prompter, transcript: Transcript, step: str
-) -> Iterator[None]:
-    """One user's session on the device for one step (rule 4: one user at a time)."""
-    prompter.say(f"{step}: user '{user_id}' logs on")
-    session = client.logon(user_id, prompter.password(user_id))
-    transcript.step(step, user_id, str(session.get("role")))
-    try:
-        yield
-    except MeterError as exc:
-        transcript.step_failed(step, str(exc))
-        raise
-    finally:
-        with suppress(MeterError):  # the connection closing ends the session as well
-            client.logoff()
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:

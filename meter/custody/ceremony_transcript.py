@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from meter.custody.ceremony import Place
     from meter.host import DeviceClient
 
-__all__ = ["TRANSCRIPT_FORMAT", "Transcript", "verify_transcript", "write_json"]
+__all__ = ["TRANSCRIPT_FORMAT", "Transcript", "unsigned", "verify_transcript", "write_json"]
 
 TRANSCRIPT_FORMAT = "meter-ceremony-transcript/1"
 _DOMAIN = b"meter.ceremony.transcript.v1\x00"  # as the device signs it (services_custody)
@@ -57,7 +57,8 @@ class Transcript:
     shares: list[dict[str, Any]] = field(default_factory=list)
     refused: list[dict[str, Any]] = field(default_factory=list)
     keys: dict[str, Any] = field(default_factory=dict)
-    outcome: str = "incomplete"
+    outcome: str = "incomplete"  # "completed" or "failed"
+    reason: str | None = None  # why it failed
 
     @classmethod
     def begin(
@@ -103,25 +104,30 @@ class Transcript:
             "shares_spare": list(spare),
         }
 
-    def share_stored(self, share: CustodyShare, place: Place) -> None:
-        self.shares.append(self._share(share, place) | {"stored_at": _now()})
+    def failed(self, reason: str) -> None:
+        self.outcome, self.reason = "failed", reason
 
-    def share_presented(self, share: CustodyShare, place: Place) -> None:
-        self.shares.append(self._share(share, place) | {"presented_at": _now()})
+    # ``serial``: the card's, for a share on a card (which card got or gave it).
+    def share_stored(self, share: CustodyShare, place: Place, serial: str | None = None) -> None:
+        self.shares.append(self._share(share, place, serial) | {"stored_at": _now()})
 
-    def share_refused(self, place: Place, reason: str) -> None:
+    def share_presented(self, share: CustodyShare, place: Place, serial: str | None = None) -> None:
+        self.shares.append(self._share(share, place, serial) | {"presented_at": _now()})
+
+    def share_refused(self, place: Place, reason: str, serial: str | None = None) -> None:
         self.refused.append(
             {
                 "custodian": place.custodian,
                 "place": place.kind,
                 "where": place.where,
+                **({"card_serial": serial} if serial else {}),
                 "reason": reason,
                 "at": _now(),
             }
         )
 
     @staticmethod
-    def _share(share: CustodyShare, place: Place) -> dict[str, Any]:
+    def _share(share: CustodyShare, place: Place, serial: str | None) -> dict[str, Any]:
         return {
             "custodian": place.custodian,
             "group": share.group,
@@ -130,6 +136,7 @@ class Transcript:
             "fingerprint": share.fingerprint,
             "place": place.kind,
             "where": place.where,
+            **({"card_serial": serial} if serial else {}),
         }
 
     def body(self) -> dict[str, Any]:
@@ -145,8 +152,15 @@ class Transcript:
             "refused": self.refused,
             "keys": self.keys,
             "outcome": self.outcome,
+            **({"reason": self.reason} if self.reason is not None else {}),
             "ended_at": _now(),
         }
+
+
+def unsigned(body: dict[str, Any], why: str) -> dict[str, Any]:
+    """A transcript the device could not sign (no audit key yet, withdrawn, unreachable):
+    written all the same, and marked so that nobody takes it for a signed one."""
+    return {"format": TRANSCRIPT_FORMAT, "transcript": body, "signature": None, "unsigned": why}
 
 
 def write_json(path: Path, data: object) -> None:
@@ -156,13 +170,15 @@ def write_json(path: Path, data: object) -> None:
 
 def verify_transcript(document: object, public_key_pem: bytes) -> dict[str, Any]:
     """The transcript's body if the audit key signed it; CustodyError naming what is wrong."""
+    if not isinstance(document, dict) or document.get("format") != TRANSCRIPT_FORMAT:
+        raise CustodyError(f"not a ceremony transcript (format {TRANSCRIPT_FORMAT} expected)")
+    body, signature = document.get("transcript"), document.get("signature")
+    if signature is None and document.get("unsigned"):
+        raise CustodyError(f"the transcript is not signed: {document['unsigned']}")
     try:
         public = serialization.load_pem_public_key(public_key_pem)
     except ValueError as exc:
         raise CustodyError(f"the audit key is not a PEM public key: {exc}") from exc
-    if not isinstance(document, dict) or document.get("format") != TRANSCRIPT_FORMAT:
-        raise CustodyError(f"not a ceremony transcript (format {TRANSCRIPT_FORMAT} expected)")
-    body, signature = document.get("transcript"), document.get("signature")
     if not isinstance(body, dict) or not isinstance(signature, dict):
         raise CustodyError("the transcript has no body or no signature")
     try:

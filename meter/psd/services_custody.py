@@ -80,9 +80,10 @@ class CustodyServices(CustodyImportServices):
             if purpose not in PURPOSES:
                 raise InvalidInput(f"ceremony purpose '{purpose}' is not one of {list(PURPOSES)}")
             root: bytes | None = None
+            resumed = False
             if purpose == "import":
                 root = _root_digest(postal_root_sha256)
-                self._check_import_target(resume=True)
+                resumed = self._check_import_target(resume=True, ceremony=ceremony)
             else:
                 self._exportable_keys()  # refused now, on a token or key that cannot go
             assert self._session is not None
@@ -92,9 +93,14 @@ class CustodyServices(CustodyImportServices):
                 self._session.user.user_id,
                 self.host_now().isoformat(),
                 postal_root=root,
+                resumed=resumed,
             )
             out["purpose"] = purpose
-        return {"ceremony": ceremony, "purpose": purpose, "authorized_by": self._ceremony.by}
+            if resumed:
+                out["resume"] = "transcript"
+        answer = {"ceremony": ceremony, "purpose": purpose, "authorized_by": self._ceremony.by}
+        # The host then skips the shares: this import committed on an earlier run.
+        return answer | ({"resume": "transcript"} if resumed else {})
 
     # -- Key Custodian: export ------------------------------------------------
 
@@ -237,22 +243,44 @@ class CustodyServices(CustodyImportServices):
 
     def ceremony_sign_transcript(self, ceremony: str, transcript: dict[str, Any]) -> dict[str, Any]:
         """Key Exchange (Key Custodian): the audit key signs the ceremony's transcript (a
-        backup's, or an import's), which ends the ceremony's authorization."""
+        backup's, or an import's), which ends the ceremony's authorization.
+
+        A failed ceremony's transcript (outcome "failed", any purpose) is signed too, or,
+        on a token without an audit key yet (an import's target before its commit point),
+        returned unsigned; either way it goes into the audit log."""
+        failed = transcript.get("outcome") == "failed"
         with self._service(Service.KEY_EXCHANGE, step="transcript", ceremony=ceremony) as out:
-            authorized = self._authorized(ceremony, ("export-backup", "import"))
-            if authorized.exported is None:
+            authorized = self._authorized(
+                ceremony, PURPOSES if failed else ("export-backup", "import")
+            )
+            if authorized.resumed and authorized.exported is None and not failed:
+                authorized.exported = self._resumed_kcvs(transcript)
+            if authorized.exported is None and not failed:
                 raise DeviceLocked(f"ceremony '{ceremony}' has moved no key yet: nothing to sign")
-            document = self._signed_transcript(ceremony, transcript)
+            if failed and not self.token.has_key(AUDIT_KEY_LABEL):
+                document = self._unsigned_transcript(ceremony, transcript)
+            else:
+                document = self._signed_transcript(ceremony, transcript)
+            if authorized.purpose == "import" and not failed:
+                for marker in self._unsigned_import(ceremony):
+                    self.token.destroy(marker)  # signed: a rerun is refused again
+            out["outcome"] = "failed" if failed else "completed"
             out["transcript_sha256"] = hashlib.sha256(canonical(document)).hexdigest()
             self._ceremony = None
         return document
 
-    def _signed_transcript(self, ceremony: str, transcript: dict[str, Any]) -> dict[str, Any]:
+    def _unsigned_transcript(self, ceremony: str, transcript: dict[str, Any]) -> dict[str, Any]:
         if transcript.get("ceremony") != ceremony:
             raise InvalidInput(f"the transcript is not the one of ceremony '{ceremony}'")
-        public = serialization.load_der_public_key(self.token.public_key_spki(AUDIT_KEY_LABEL))
-        algorithm = audit_key_algorithm(public)
-        # What the device itself vouches for, beside what the host reports.
+        body = {**transcript, "device": self._attested()}
+        why = "the device has no audit key yet (a target before its import's commit point)"
+        self._record(
+            self.caller(), "ceremony-transcript", "ok", {"transcript": body, "unsigned": why}
+        )
+        return {"format": TRANSCRIPT_FORMAT, "transcript": body, "signature": None, "unsigned": why}
+
+    def _attested(self) -> dict[str, Any]:
+        """What the device itself vouches for in a transcript, beside what the host reports."""
         authorized = self._ceremony
         attested: dict[str, Any] = {"recorded_at": self.host_now().isoformat()}
         if authorized is not None:
@@ -265,7 +293,14 @@ class CustodyServices(CustodyImportServices):
         meter = self._meter
         if meter is not None:
             attested["device_serial"] = meter.identity.device_serial
-        body = {**transcript, "device": attested}
+        return attested
+
+    def _signed_transcript(self, ceremony: str, transcript: dict[str, Any]) -> dict[str, Any]:
+        if transcript.get("ceremony") != ceremony:
+            raise InvalidInput(f"the transcript is not the one of ceremony '{ceremony}'")
+        public = serialization.load_der_public_key(self.token.public_key_spki(AUDIT_KEY_LABEL))
+        algorithm = audit_key_algorithm(public)
+        body = {**transcript, "device": self._attested()}
         signature = self.token.sign(AUDIT_KEY_LABEL, algorithm, transcript_message(body))
         # The transcript itself goes into the audit log (its fingerprints, KCVs, outcome).
         self._record(self.caller(), "ceremony-transcript", "ok", {"transcript": body})

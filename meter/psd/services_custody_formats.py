@@ -34,6 +34,7 @@ __all__ = [
     "CEREMONY_KEYS",
     "COMMITTING",
     "IMPORTING",
+    "IMPORT_UNSIGNED",
     "PURPOSES",
     "STATEMENT_FORMAT",
     "TRANSCRIPT_DOMAIN",
@@ -67,6 +68,9 @@ CEREMONY_APPLICATION = "meter.ceremony"
 CEREMONY_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 IMPORTING = "ceremony-import-"
 COMMITTING = "import-committing-"
+# Kept from an import's commit point until its transcript is signed: a rerun of that import
+# may then go straight to signing it (docs/custody.md, Interruptions).
+IMPORT_UNSIGNED = "import-unsigned-"
 
 
 @dataclass
@@ -79,6 +83,8 @@ class Authorization:
     # An import: the SHA-256 of the postal root the Security Officer trusts (DER). A bundle
     # under another root is refused: anyone can make a self-consistent chain and statement.
     postal_root: bytes | None = None
+    # An import authorized again after its commit point: only its transcript remains.
+    resumed: bool = False
 
 
 def canonical(value: object) -> bytes:

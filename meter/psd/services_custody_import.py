@@ -19,6 +19,7 @@ from meter.psd.services_custody_formats import (
     CEREMONY_APPLICATION,
     CEREMONY_KEYS,
     COMMITTING,
+    IMPORT_UNSIGNED,
     IMPORTING,
     Authorization,
     Bundle,
@@ -28,13 +29,16 @@ from meter.psd.services_custody_formats import (
     parse_bundle,
     verified_statement,
 )
+from meter.psd.services_reload import RELOAD_KEY_LABEL
 from meter.psd.services_status import StatusServices
 from meter.token import wrapping as w
 
 __all__ = ["MOVED_AWAY", "CustodyImportServices"]
 
-# Destroyed on a source once its move is committed (the key-exchange key never moves).
-MOVED_AWAY = (SIGNING_KEY_LABEL, AUDIT_KEY_LABEL, KEY_EXCHANGE_LABEL)
+# Destroyed on a source once its move is committed: the keys that moved, and those that never
+# move (the key-exchange and reload keys: the replacement makes its own), since a withdrawn
+# source must keep no private key that signs or authenticates it.
+MOVED_AWAY = (SIGNING_KEY_LABEL, AUDIT_KEY_LABEL, KEY_EXCHANGE_LABEL, RELOAD_KEY_LABEL)
 
 
 class CustodyImportServices(StatusServices):
@@ -51,6 +55,11 @@ class CustodyImportServices(StatusServices):
         try:
             with self._service(Service.KEY_EXCHANGE, step="import", ceremony=ceremony) as out:
                 authorized = self._authorized(ceremony, ("import",))
+                if authorized.resumed:
+                    raise ConfigurationError(
+                        f"{self.token.where} holds a meter signing key already: ceremony "
+                        f"'{ceremony}' was imported, only its transcript remains to be signed"
+                    )
                 check_transport_key(key)
                 parsed = parse_bundle(bundle)
                 check_postal_root(parsed, authorized.postal_root)
@@ -82,16 +91,54 @@ class CustodyImportServices(StatusServices):
         finally:
             key[:] = bytes(len(key))
 
-    def _check_import_target(self, *, resume: bool = False) -> None:
+    def _check_import_target(self, *, resume: bool = False, ceremony: str = "") -> bool:
+        """Refused unless the token is new, or (``resume``) holds an import of ``ceremony``
+        past its commit point; True when only that import's transcript remains to sign."""
         # An import interrupted after its commit point left a meter without certificates:
         # a rerun of it may go on (the KCVs then show whether it is the same meter).
         interrupted = self._meter is not None and self._meter.certificates is None
         if self.token.has_key(SIGNING_KEY_LABEL) and not (resume and interrupted):
+            # Complete, but its transcript was never signed: the rerun signs it (the
+            # transcript's KCVs must then be this token's keys, see _resumed_kcvs).
+            if resume and self._unsigned_import(ceremony):
+                return True
             raise ConfigurationError(
                 f"{self.token.where} holds a meter signing key already: a replacement token "
                 "must be new (one token, one meter)"
             )
         self.token.require("aes_key_wrap_pad", "key import (CKM_AES_KEY_WRAP_PAD)")
+        return False
+
+    def _unsigned_import(self, ceremony: str) -> list[Any]:
+        """The marker of an import of ``ceremony`` that committed and has no signed transcript."""
+        return [
+            obj
+            for obj in self.token.data_objects(CEREMONY_APPLICATION)
+            if obj.label == IMPORT_UNSIGNED + ceremony
+        ]
+
+    def _resumed_kcvs(self, transcript: dict[str, Any]) -> dict[str, str]:
+        """The KCVs a resumed import's transcript names, if they are this token's keys."""
+        keys = transcript.get("keys")
+        named = keys.get("kcvs") if isinstance(keys, dict) else None
+        found: dict[str, str] = {}
+        for label, kind in CEREMONY_KEYS:
+            actual = (
+                w.secret_kcv(self.token, label)
+                if kind == "secret"
+                else w.public_kcv(self.token.public_key_spki(label))
+            )
+            try:
+                expected = bytes.fromhex(str(named.get(label))) if isinstance(named, dict) else b""
+            except ValueError:
+                expected = b""
+            if not w.kcv_matches(expected, actual):
+                raise ConfigurationError(
+                    f"{self.token.where} holds keys whose check values are not the ones the "
+                    f"transcript names ('{label}'): not this ceremony's import"
+                )
+            found[label] = actual.hex()
+        return found
 
     def _import(self, bundle: Bundle, key: bytearray, statement: dict[str, Any]) -> None:
         token = self.token
@@ -145,6 +192,9 @@ class CustodyImportServices(StatusServices):
         store_identity(token, bundle.identity)  # makes everything so far durable
         # The commit point: every check passed and every record is written. From the
         # marker on, the renames are rolled forward, now or at the next logon.
+        # Before the commit marker: a committed import always has it until its transcript
+        # is signed (one left by an attempt that never committed is cleared by the rerun).
+        token.create_data(CEREMONY_APPLICATION, IMPORT_UNSIGNED + bundle.ceremony, b"")
         token.create_data(CEREMONY_APPLICATION, COMMITTING + bundle.ceremony, b"")
         token.make_durable()
         self._roll_forward()
@@ -197,6 +247,8 @@ class CustodyImportServices(StatusServices):
         for application in (STATE_APPLICATION, REGISTER_APPLICATION, IDENTITY_APPLICATION):
             for obj in token.data_objects(application):
                 token.destroy(obj)
+        for obj in self._unsigned_import(bundle.ceremony):
+            token.destroy(obj)
 
     def _authorized(self, ceremony: str, purposes: tuple[str, ...]) -> Authorization:
         authorized = self._ceremony

@@ -67,6 +67,8 @@ class StatusServices(FirmwareCore):
             "psc_version": state.psc_version,
             "psc": psc_status(state, meter),
             "withdrawn_at": state.withdrawn_at,
+            # A move's ceremony id: its rerun asks for the documents it kept (docs/custody.md).
+            "withdrawn_for": state.withdrawn_for,
             "withdrawing_since": state.withdrawing_since,
             "last_audit_at": state.last_audit_at,
             "watchdog": None if watchdog is None else watchdog.to_json(),

@@ -8,7 +8,7 @@ import hashlib
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -207,6 +207,34 @@ class Token:
         self._keys.clear()  # handles of private objects die with the login
         if old is not None:
             old.close()  # python-pkcs11 calls C_Logout first if the old session logged in
+
+    @contextmanager
+    def side_session(self, what: str) -> Iterator[pkcs11.Session]:
+        """A second, public session on this token for the block (use it through `call_on`).
+
+        PKCS#11 login state belongs to the application, but a session object belongs to
+        the session that made it: an object made in this session survives the main
+        session's logins and logouts, is visible to them, and is destroyed by the token
+        when this session closes, at the end of the block or when the process dies. The
+        token never writes it to its store.
+        """
+        with self._module.lock, translated(self.where, f"open a public session to {what}"):
+            side = self._token.open(rw=True)
+        self._module.open_sessions += 1
+        try:
+            yield side
+        finally:
+            try:
+                with self._module.lock, suppress(pkcs11.PKCS11Error):
+                    side.close()  # C_CloseSession destroys the session's objects
+            finally:
+                self._module.open_sessions -= 1
+
+    @contextmanager
+    def call_on(self, session: pkcs11.Session, what: str) -> Iterator[pkcs11.Session]:
+        """`_call` for a `side_session`: the token's one lock, errors translated."""
+        with self._module.lock, translated(self.where, what):
+            yield session
 
     def close(self) -> None:
         if self._syncer is not None:

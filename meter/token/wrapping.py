@@ -7,7 +7,9 @@ Security Officer has not marked ``CKA_TRUSTED``. Measured on SoftHSM2 2.6.1:
 
 - wrapping such a key under an untrusted AES key fails with ``CKR_KEY_NOT_WRAPPABLE``;
 - only an SO session may create a ``CKA_TRUSTED`` key, and only as a public object
-  (SoftHSM2 refuses a private object without the user's login);
+  (SoftHSM2 refuses a private object without the user's login); as a public *token*
+  object its value would lie in the token's store in clear, so it is a public *session*
+  object of a side session (`trusted_wrapping_key`), never written to the store;
 - a user session may then wrap under it (``CKM_AES_KEY_WRAP_PAD``) and destroy it;
 - an Ed25519 private key is never wrappable (``CKR_KEY_NOT_WRAPPABLE``): such a key is
   generated non-extractable, and export refuses it up front;
@@ -173,46 +175,51 @@ def trusted_wrapping_key(
 ) -> Iterator[str]:
     """The transport key as a trusted AES wrapping key in the token, for the block inside.
 
-    The token is logged out, logged in as SO to create the key (``CKA_TRUSTED`` needs the
-    SO; SoftHSM2 makes it a public token object, ``CKA_WRAP`` only, sensitive, not
-    extractable), logged out, and logged in as user again, which the block needs to wrap.
-    The key object is destroyed when the block ends, however it ends; a crash leaves it
-    for `sweep_transport_keys`. On return the token is logged in as user again.
+    ``CKA_TRUSTED`` needs the SO, and SoftHSM2 lets the SO make only a public object. A
+    public *token* object would be written to the token's store unencrypted (SoftHSM2
+    encrypts only private objects' values: measured, the 32 key bytes were in the
+    object file in clear), so the key is a public **session** object of a side session
+    held open for the block: the token is logged out, logged in as SO, the key made in
+    the side session (``CKA_WRAP`` only, sensitive, not extractable), logged out, and
+    logged in as user again, which the wraps need. The key is destroyed when the block
+    ends, however it ends, and by the token itself if the process dies. On return the
+    token is logged in as user again.
     """
     if not label.startswith(TRANSPORT_LABEL_PREFIX):
         raise ValueError(f"a transport key's label starts with {TRANSPORT_LABEL_PREFIX}")
     _check_value(value)
-    token.logout()
-    try:
-        token.login(so_pin, so=True)
+    with token.side_session(f"hold transport key '{label}'") as holder:
+        token.logout()
         try:
-            with token._call(f"create trusted transport key '{label}' (SO)") as s:
-                s.create_object(
-                    {
-                        Attribute.CLASS: ObjectClass.SECRET_KEY,
-                        Attribute.KEY_TYPE: KeyType.AES,
-                        Attribute.VALUE: bytes(value),
-                        Attribute.TOKEN: True,
-                        Attribute.PRIVATE: False,
-                        Attribute.TRUSTED: True,
-                        Attribute.WRAP: True,
-                        Attribute.UNWRAP: False,
-                        Attribute.ENCRYPT: False,
-                        Attribute.DECRYPT: False,
-                        Attribute.SENSITIVE: True,
-                        Attribute.EXTRACTABLE: False,
-                        Attribute.LABEL: label,
-                    }
-                )
+            token.login(so_pin, so=True)
+            try:
+                with token.call_on(holder, f"create trusted transport key '{label}' (SO)") as s:
+                    obj = s.create_object(
+                        {
+                            Attribute.CLASS: ObjectClass.SECRET_KEY,
+                            Attribute.KEY_TYPE: KeyType.AES,
+                            Attribute.VALUE: bytes(value),
+                            Attribute.TOKEN: False,
+                            Attribute.PRIVATE: False,
+                            Attribute.TRUSTED: True,
+                            Attribute.WRAP: True,
+                            Attribute.UNWRAP: False,
+                            Attribute.ENCRYPT: False,
+                            Attribute.DECRYPT: False,
+                            Attribute.SENSITIVE: True,
+                            Attribute.EXTRACTABLE: False,
+                            Attribute.LABEL: label,
+                        }
+                    )
+            finally:
+                token.logout()
         finally:
-            token.logout()
-    finally:
-        token.login(user_pin)
-    try:
-        yield label
-    finally:
-        with suppress(MeterError):
-            _destroy_public(token, label)
+            token.login(user_pin)
+        try:
+            yield label
+        finally:
+            with suppress(MeterError), token.call_on(holder, f"destroy transport key '{label}'"):
+                obj.destroy()
 
 
 @contextmanager
@@ -364,7 +371,12 @@ def destroy_key_object(token: Token, label: str) -> int:
 
 
 def sweep_transport_keys(token: Token) -> int:
-    """Destroy every transport key a crashed ceremony may have left (public ones too)."""
+    """Destroy every transport key a crashed ceremony may have left as a token object.
+
+    Today's transport keys are session objects, which the token destroys when their
+    process dies; earlier versions made the trusted one a public token object, which a
+    crash left behind. Any such object (or one planted under the prefix) goes.
+    """
     count = 0
     with token._call("sweep left-over transport keys") as s:
         for obj in list(s.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY})):
@@ -385,26 +397,19 @@ def _kcv(token: Token, label: str, kind: KeyClass) -> tuple[bytes, bytes | None]
 def _one_object(s: pkcs11.Session, object_class: ObjectClass, label: str, *, private: bool) -> Any:
     found = list(
         s.get_objects(
-            {Attribute.CLASS: object_class, Attribute.LABEL: label, Attribute.PRIVATE: private}
+            {
+                Attribute.CLASS: object_class,
+                Attribute.LABEL: label,
+                Attribute.PRIVATE: private,
+                # Both transport keys are session objects: a token object under the label
+                # (anyone may make a public one without a PIN) is never the one chosen.
+                Attribute.TOKEN: False,
+            }
         )
     )
     if len(found) != 1:
         raise TokenError(f"{len(found)} transport key objects labelled '{label}' (expected 1)")
     return found[0]
-
-
-def _destroy_public(token: Token, label: str) -> None:
-    with token._call(f"destroy transport key '{label}'") as s:
-        for obj in list(
-            s.get_objects(
-                {
-                    Attribute.CLASS: ObjectClass.SECRET_KEY,
-                    Attribute.LABEL: label,
-                    Attribute.PRIVATE: False,
-                }
-            )
-        ):
-            obj.destroy()
 
 
 def _check_value(value: bytearray) -> None:
