@@ -32,12 +32,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from meter.provider import Provider  # noqa: E402
-from tests._reload_harness import (  # noqa: E402
-    Harness,
-    make_home,
-    prepare_lab,
-    soak,
-)
+from tests._reload_harness import Harness, make_home, prepare_lab  # noqa: E402
+from tests._reload_plan import soak  # noqa: E402
 
 AMOUNT = 1000  # mills a reload
 

@@ -20,7 +20,7 @@ from meter.cli.workflows import DEMO_CUSTOMER
 from meter.host import DeviceClient
 from meter.protocol.device_audit import DeviceAuditReport
 from meter.provider import Provider
-from meter.provider.audits import AuditDesk
+from meter.provider.audits import WITHOUT_POST_OFFICE, AuditDesk
 from meter.provider.ledger_sql import SqlLedger, open_ledger
 from meter.provider.withdrawal import RevocationBook, Withdrawals
 from meter.psd.firmware import PSD
@@ -42,8 +42,17 @@ def meter_certificate(home: Home) -> x509.Certificate:
     return x509.load_pem_x509_certificate((home.certs / "meter.pem").read_bytes())
 
 
-def books(path: Path, serial: int, credited: int) -> SqlLedger:
-    """A ledger in which the demo customer paid in FUNDED and the meter was credited."""
+def local_grant_id(home: Home) -> bytes:
+    """The transaction id of the home's one local signed grant (conftest.set_up's)."""
+    (entry,) = [json.loads(line) for line in home.ledger.read_text().splitlines()]
+    return bytes.fromhex(entry["transaction_id"])
+
+
+def books(path: Path, serial: int, credited: int, transaction_id: bytes | None = None) -> SqlLedger:
+    """A ledger in which the demo customer paid in FUNDED and the meter was credited,
+    under ``transaction_id`` if given: the home's local grant's (`local_grant_id`), for a
+    provider service that also counts the local grants it does not hold (once, never
+    twice: Provider.local_credited)."""
     now = datetime.now(UTC)
     ledger = open_ledger(path)
     if ledger.customer_of(serial) is None:
@@ -51,7 +60,7 @@ def books(path: Path, serial: int, credited: int) -> SqlLedger:
         ledger.fund(DEMO_CUSTOMER, FUNDED, "wire-0001", now)
         ledger.authorize_meter(DEMO_CUSTOMER, serial, now)
         if credited:
-            tx = secrets.token_bytes(16)
+            tx = transaction_id or secrets.token_bytes(16)
             ledger.prepare(tx, DEMO_CUSTOMER, serial, credited, now, now + timedelta(hours=1))
             ledger.commit(tx, b"receipt of the first credit", now)
     return ledger
@@ -79,7 +88,7 @@ def withdraw_over_socket(client: DeviceClient, home: Home, folder: Path) -> dict
     with provider_lab(home, folder) as lab:
         now = datetime.now(UTC)
         report = client.withdraw_begin(lab.desk.new_nonce(lab.serial, now))
-        ack = lab.withdrawals.final_audit(report, lab.meter_certificate, now)
+        ack = lab.withdrawals.final_audit(report, lab.meter_certificate, now, WITHOUT_POST_OFFICE)
         return client.withdraw_complete(ack)
 
 
@@ -89,7 +98,7 @@ def withdraw_in_process(psd: PSD, home: Home, folder: Path) -> dict[str, Any]:
         now = datetime.now(UTC)
         step = psd.withdraw_psd(nonce=lab.desk.new_nonce(lab.serial, now))
         report = DeviceAuditReport.from_json(step["signed_report"], "the final report")
-        ack = lab.withdrawals.final_audit(report, lab.meter_certificate, now)
+        ack = lab.withdrawals.final_audit(report, lab.meter_certificate, now, WITHOUT_POST_OFFICE)
         return psd.withdraw_psd(acknowledgement=ack)
 
 

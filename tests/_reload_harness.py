@@ -1,33 +1,22 @@
 """The reload fault harness: a real device process, a real provider service, a relaying host
 that can cut the connection; SIGKILL of either process at chosen or random points.
 
-Used by tests/test_reload_faults.py, tests/test_reload_e2e.py, scripts/soak-reload and
-scripts/bench_reload.py. As a program it is one of the two processes:
-
-    python tests/_reload_harness.py device HOME
-    python tests/_reload_harness.py provider HOME LEDGER STATUS
-
-which SIGKILLs itself the N-th time it reaches POINT during the one reload the harness
-armed it for (HOME/fault-device.txt or HOME/fault-provider.txt, "POINT N", read and
-removed at that reload's first step). The wrapping happens here, in the harness
-(tests/_crash_child.py), never in the meter's or the provider's code.
+Used by tests/_reload_plan.py (the fault plans and the soak), the reload tests,
+scripts/soak-reload and scripts/bench_reload.py. The two processes are the programs of
+tests/_reload_children.py; the provider's ledger is the lab's, SQLite or PostgreSQL.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,211 +24,35 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from meter.cli.home import Home  # noqa: E402
 from meter.errors import MeterError  # noqa: E402
-from tests._crash_child import ANY_POINT, Killer, before_call, wrap_device  # noqa: E402
+from tests._reload_children import DEVICE_FAULT, PROVIDER_FAULT  # noqa: E402
+from tests._reload_lab import (  # noqa: E402  (the lab's names, for this module's importers)
+    AUDITOR_USER,
+    AUTHORITY_USER,
+    CUSTOMER,
+    FUNDS,
+    PROVIDER_USER,
+    Lab,
+    make_home,
+    prepare_lab,
+)
 
-HERE = Path(__file__).resolve()
-CUSTOMER = "DEMO-0001"
-PROVIDER_USER = ("provider", "Vendor-pass-0004")
-AUTHORITY_USER = ("authority", "Issuer-pass-0005")
-AUDITOR_USER = ("auditor", "Review-pass-0006")
-FUNDS = 10**12  # mills the customer pays in: never the limit in a soak
-
-DEVICE_FAULT = "fault-device.txt"  # "POINT N": the next reload's fault, read at its begin
-PROVIDER_FAULT = "fault-provider.txt"
-# Kill points of the device: token and audit operations, the ECDH derivation.
-DEVICE_POINTS = [
-    ("before-derive", 1),
-    ("before-sign", 1),  # the finish signature
-    ("after-sign", 1),
-    ("before-sign", 2),  # the first statement or the receipt
-    ("before-create", 1),  # the credit's register record
-    ("after-create", 1),
-    ("before-create", 2),  # the receipt object
-    ("after-create", 2),
-    ("after-sync", 1),
-    ("after-destroy", 1),
-    ("before-audit", 3),
-    ("after-audit", 3),
-    ("after-audit", 4),
+__all__ = [
+    "AUDITOR_USER",
+    "AUTHORITY_USER",
+    "CUSTOMER",
+    "FUNDS",
+    "PROVIDER_USER",
+    "ROOT",
+    "Cut",
+    "Harness",
+    "Lab",
+    "Outcome",
+    "make_home",
+    "prepare_lab",
 ]
-# Kill points of the provider: each protocol step and each ledger write, before and after.
-PROVIDER_POINTS = [
-    ("before-hello", 1),
-    ("after-hello", 1),
-    ("before-finish", 1),
-    ("after-finish", 1),
-    ("before-answers", 1),
-    ("before-prepare", 1),
-    ("after-prepare", 1),
-    ("after-answers", 1),
-    ("before-receipt", 1),
-    ("before-commit", 1),
-    ("after-commit", 1),
-    ("after-receipt", 1),
-]
-# Cuts of the host's link to the provider: request N not sent, or its answer lost.
-CUT_POINTS = [(f"{when}-{n}", n) for n in (1, 2, 3, 4) for when in ("cut-before", "cut-after")]
 
-
-# -- the processes ---------------------------------------------------------------------
-
-
-def _armed_killer(control: Path, span: int) -> tuple[Killer, Callable[[], None]]:
-    """A killer for the wrapped operations, and ``arm()`` for the first step of each
-    reload: it reads the fault the harness wrote to ``control`` for this one reload (and
-    removes it), or disarms when there is none, so a fault never outlives its run."""
-    killer = Killer()
-
-    def arm() -> None:
-        killer.disarm()
-        try:
-            point, nth = control.read_text().split()
-        except (OSError, ValueError):
-            return
-        control.unlink()
-        if point == ANY_POINT:  # the k-th of all points reached, k drawn from the seed
-            killer.arm(point, random.Random(int(nth)).randint(1, span))
-        else:
-            killer.arm(point, int(nth))
-
-    return killer, arm
-
-
-def device_main(home_path: str) -> None:
-    from meter.cli.device_process import meterd_main
-    from meter.psd import services_reload
-    from meter.psd.firmware import PSD
-
-    killer, arm = _armed_killer(Path(home_path) / DEVICE_FAULT, 18)
-    wrap_device(killer, sync="make_durable_async")
-    killer.wrap(services_reload, "shared_secret", "before-derive", None)
-    before_call(PSD, "reload_begin", arm)
-    sys.argv = ["meterd", "--home", home_path, "--json"]
-    meterd_main()
-
-
-def provider_main(home_path: str, ledger: str, status: str) -> None:
-    import uvicorn
-
-    from meter.provider import Provider
-    from meter.provider import reload_server as rs
-    from meter.provider.http import create_provider_app
-    from meter.provider.http_config import ProviderConfig
-    from meter.provider.ledger_sqlite import SqliteLedger
-    from meter.provider.reload_routes import reload_router
-
-    killer, arm = _armed_killer(Path(home_path) / PROVIDER_FAULT, 12)
-    for step in ("hello", "finish", "answers", "receipt"):
-        attr = "_hello" if step == "hello" else f"_on_{step}"
-        killer.wrap(rs.ReloadServer, attr, f"before-{step}", f"after-{step}")
-    for name in ("prepare", "commit", "abort"):
-        killer.wrap(SqliteLedger, name, f"before-{name}", f"after-{name}")
-    before_call(rs.ReloadServer, "hello", arm)
-    home = Home.at(Path(home_path))
-    token = home.open_token("provider")
-    provider = Provider.open(token, home.ledger)
-    opened = SqliteLedger(Path(ledger))
-    server = rs.ReloadServer(provider, opened, Path(status).read_bytes())
-    # The provider's own service (meter/provider/http.py), with the reload routes in it.
-    config = ProviderConfig(ledger=ledger, keys=home.path / "provider-keys.json")
-    app = create_provider_app(config, opened, provider, routers=[reload_router(server)])
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)  # connections wait in the backlog until the server takes them
-    port = sock.getsockname()[1]
-    print(json.dumps({"port": port, "pid": os.getpid()}), flush=True)
-    served = uvicorn.Config(app, log_level="error", access_log=False, workers=1)
-    uvicorn.Server(served).run(sockets=[sock])
-
-
-def _warm(mode: str) -> None:
-    """Import what the process will need before it is told to go."""
-    if mode == "device":
-        import meter.cli.device_process
-        import meter.psd.daemon
-        import meter.psd.firmware
-    else:
-        import meter.provider.http
-        import meter.provider.ledger_sqlite
-        import meter.provider.reload_routes  # noqa: F401
-
-
-# -- the lab -------------------------------------------------------------------------
-
-
-@dataclass
-class Lab:
-    home: Home
-    ledger: Path
-    status: Path
-    serial: int
-    baseline: int  # the meter's control total before any reload (local credit of set-up)
-    funded: int
-
-
-def prepare_lab(home: Home) -> Lab:
-    """A set-up home (tests/conftest.py's ``device_home``) made ready for reloads: the
-    meter's reload key certified, the root's status of the provider, a ledger with the
-    customer funded and the meter authorized to it."""
-    from cryptography.hazmat.primitives import serialization
-
-    from meter.pki.reload_certs import ProviderStatus, ProviderStatusKind, make_reload_certificate
-    from meter.provider import PostalRoot, Provider
-    from meter.provider.ledger_sqlite import SqliteLedger
-    from meter.psd.firmware import PSD
-
-    now = datetime.now(UTC).replace(microsecond=0)
-    with PSD.power_up(home.open_device_token(), home.device) as psd:
-        psd.logon(*AUTHORITY_USER)
-        key = psd.reload_key()
-        with home.open_token("provider") as token:
-            provider = Provider.open(token, home.ledger)
-            cert = make_reload_certificate(
-                bytes.fromhex(key["public_key_spki_hex"]),
-                key["device_serial"],
-                provider.certificate,
-                provider.signer(),
-                now,
-            )
-            provider_cert = provider.certificate
-        psd.install_reload_certificate(cert.public_bytes(serialization.Encoding.PEM))
-        serial = int(key["device_serial"])
-        baseline = psd._require_meter().registers.control_total
-    with home.open_token("postal-root") as token:
-        root = PostalRoot.open(token)
-        status = ProviderStatus.issue(provider_cert, ProviderStatusKind.GOOD, root.signer(), now)
-    status_path = home.path / "provider-status.bin"
-    status_path.write_bytes(status.to_bytes())
-    ledger_path = home.path / "accounts.sqlite"
-    ledger = SqliteLedger(ledger_path)
-    try:
-        ledger.create_customer(CUSTOMER, "Demo Mailer", now)
-        ledger.fund(CUSTOMER, FUNDS, "lab", now)
-        ledger.authorize_meter(CUSTOMER, serial, now)
-    finally:
-        ledger.close()
-    return Lab(home, ledger_path, status_path, serial, baseline, FUNDS)
-
-
-def make_home(base: Path) -> Home:
-    """A new set-up home outside pytest (scripts/soak-reload, scripts/bench_reload.py): the
-    test suite's lab PINs and passwords in this process's environment."""
-    from meter.cli import provision
-    from tests.conftest import TEST_METER_PINS, TEST_PASSWORDS, TEST_PINS, TEST_POLICY, set_up
-
-    os.environ.update(TEST_PINS)
-    os.environ.update(TEST_PASSWORDS)
-    home = Home.at(base / "home")
-    home.device.mkdir(parents=True, mode=0o700)
-    (home.device / "policy.toml").write_text(TEST_POLICY)
-    provision.init_home(
-        home, provision.InitOptions(device_serial=983973031309), meter_pins=TEST_METER_PINS
-    )
-    set_up(home)
-    return home
+CHILDREN = Path(__file__).resolve().with_name("_reload_children.py")
 
 
 class Process:
@@ -251,7 +64,7 @@ class Process:
         self._argv = argv
         self._stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE), *argv],
+            [sys.executable, str(CHILDREN), *argv],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
@@ -306,6 +119,8 @@ class Outcome:
     killed: str | None  # "device" / "provider" / None
     error: str | None
     reload_ok: bool
+    opened: int = 0  # the meter's transactions open at the provider when the run began
+    settled: bool = True  # False: the run was left unsettled for the next one's settle
 
 
 @dataclass
@@ -397,9 +212,12 @@ class Harness:
         with self.client() as client:
             return relay_reload(client, send, amount)
 
-    def run(self, fault: str, nth: int, amount: int) -> Outcome:
+    def run(self, fault: str, nth: int, amount: int, settle: bool = True) -> Outcome:
         """One reload with one fault (device:POINT, provider:POINT, cut-..., POINT "random"),
-        then the recovery: dead processes restarted, the next contact settling."""
+        then the recovery: dead processes restarted, the next contact settling. With
+        ``settle`` False the settling contact is left out: what the fault left open stays
+        open, so that the next run's settle of it is the one that meets the next fault."""
+        opened = self.open_count()
         side, _, point = fault.partition(":")
         home = self.lab.home.path
         if side in ("device", "provider"):
@@ -429,28 +247,43 @@ class Harness:
                     self.kills += 1
                 proc.stop()
                 self.start_device() if which == "device" else self.start_provider()
-        if killed is not None or error is not None or not ok:
+        if settle and (killed is not None or error is not None or not ok):
             self.settle()
             self.recovery_s.append(time.monotonic() - started)
-        return Outcome(fault, killed, error, ok)
+        return Outcome(fault, killed, error, ok, opened, settle)
 
     def settle(self) -> dict[str, Any]:
         """The next contact: a clean reload, which settles every open transaction first."""
         return self.reload(1000)
 
     # -- the invariant
-    def check(self) -> dict[str, int]:
-        """Conservation, from the provider's ledger and the meter's registers."""
-        from meter.provider.ledger_sqlite import SqliteLedger
+    @contextmanager
+    def ledger(self) -> Iterator[Any]:
+        """The lab's ledger, SQLite or PostgreSQL, opened for one look."""
+        from meter.provider.ledger_sql import open_ledger
 
-        ledger = SqliteLedger(self.lab.ledger)
+        ledger = open_ledger(self.lab.ledger)
         try:
+            yield ledger
+        finally:
+            ledger.close()
+
+    def open_count(self) -> int:
+        with self.ledger() as ledger:
+            return len(ledger.open_transactions(self.lab.serial))
+
+    def check(self) -> dict[str, int]:
+        """Conservation, from the provider's ledger and the meter's registers.
+
+        Settled (nothing reserved), the credit the meter applied, the ledger's COMMITTED
+        credit and the funds taken are one number. With transactions left open, the meter
+        may hold credit still PREPARED at the provider (its receipt not there yet), so
+        the applied credit lies between the committed and the committed plus reserved."""
+        with self.ledger() as ledger:
             account = ledger.account(CUSTOMER)
             credited = ledger.credited(self.lab.serial)
             unresolved = len(ledger.open_transactions(self.lab.serial))
             mismatched = ledger.check_totals()
-        finally:
-            ledger.close()
         with self.client() as client:
             control_total = int(client.get("/v1/status")["registers"]["control_total"])
         applied = control_total - self.lab.baseline
@@ -460,7 +293,8 @@ class Harness:
             "applied": applied,
             "taken": taken,
             "reserved": account.reserved,
-            "credit_created": max(0, applied - credited) + max(0, credited - taken),
+            "credit_created": max(0, applied - credited - account.reserved)
+            + max(0, credited - taken),
             "credit_destroyed": max(0, credited - applied) + max(0, taken - credited),
             "unresolved": unresolved,
             "ledger_mismatches": len(mismatched),
@@ -482,73 +316,3 @@ class Harness:
                 txid = values["transaction_id"]
                 seen[txid] = seen.get(txid, 0) + 1
         return sum(1 for n in seen.values() if n > 1)
-
-
-def fault_plan(runs: int, seed: int) -> list[tuple[str, int]]:
-    """Every fixed point once (device kills, provider kills, cuts), then random points."""
-    fixed = [(f"device:{p}", n) for p, n in DEVICE_POINTS]
-    fixed += [(f"provider:{p}", n) for p, n in PROVIDER_POINTS]
-    fixed += [(p, n) for p, n in CUT_POINTS]
-    rng = random.Random(seed)
-    plan = fixed[:runs]
-    while len(plan) < runs:
-        kind = rng.choice(["device:random", "provider:random", rng.choice(CUT_POINTS)[0]])
-        plan.append((kind, rng.randint(1, 10**6)))
-    return plan
-
-
-def soak(
-    lab: Lab, runs: int, seed: int = 1, progress: Callable[[int, Outcome], None] | None = None
-) -> dict[str, Any]:
-    """The fault runs, with recovery after each; the invariant checked after each run."""
-    harness = Harness(lab)
-    harness.start_device()
-    harness.start_provider()
-    failures: list[str] = []
-    worst = {"credit_created": 0, "credit_destroyed": 0, "unresolved": 0, "ledger_mismatches": 0}
-    rng = random.Random(seed)
-    try:
-        for number, (fault, nth) in enumerate(fault_plan(runs, seed), 1):
-            outcome = harness.run(fault, nth, rng.randint(1, 50_000))
-            counts = harness.check()
-            for key in worst:
-                worst[key] = max(worst[key], counts[key])
-            if any(counts[k] for k in worst):
-                failures.append(f"run {number} ({fault}, {nth}): {counts} after {outcome}")
-            if progress is not None:
-                progress(number, outcome)
-        final = harness.check()
-        twice = harness.applied_twice()
-    finally:
-        harness.close()
-    recovery = sorted(harness.recovery_s)
-    return {
-        "runs": runs,
-        "kills": harness.kills,
-        "cuts": harness.cuts,
-        "credit_created": worst["credit_created"],
-        "credit_destroyed": worst["credit_destroyed"],
-        "applied_twice": twice,
-        "unresolved": final["unresolved"],
-        "ledger_mismatches": worst["ledger_mismatches"],
-        "credited": final["credited"],
-        "applied": final["applied"],
-        "recovery_s_median": recovery[len(recovery) // 2] if recovery else None,
-        "recovery_s_max": recovery[-1] if recovery else None,
-        "failures": failures,
-    }
-
-
-if __name__ == "__main__":
-    mode = sys.argv[1]
-    _warm(mode)
-    if sys.stdin.readline() != "go\n":  # EOF: the harness let the spare go unused
-        raise SystemExit(0)
-    if mode == "device":
-        device_main(sys.argv[2])
-    elif mode == "provider":
-        provider_main(sys.argv[2], sys.argv[3], sys.argv[4])
-    else:
-        raise SystemExit(f"unknown mode {mode!r}")
-    with suppress(Exception):
-        sys.stdout.flush()

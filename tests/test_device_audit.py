@@ -31,7 +31,7 @@ from meter.protocol.device_audit import (
     check_nonce,
     nonce_from_hex,
 )
-from meter.provider.audits import AuditFailed, PostOfficeFigures
+from meter.provider.audits import WITHOUT_POST_OFFICE, AuditFailed, PostOfficeFigures
 from meter.provider.ledger import TransactionState
 from meter.psd.firmware import PSD
 from tests._audit_lab import provider_lab
@@ -208,13 +208,13 @@ def test_the_device_signs_a_report_the_provider_accepts_and_records(
         assert report.nonce == nonce and report.device_serial == lab.serial
         assert (report.ascending, report.descending, report.piece_count) == (0, 100_000, 0)
         assert report.self_tests_passed and not report.withdrawing
-        ack = lab.desk.audit(report, lab.meter_certificate, datetime.now(UTC))
+        ack = lab.desk.audit(report, lab.meter_certificate, datetime.now(UTC), WITHOUT_POST_OFFICE)
         recorded = lab.ledger.last_audit(lab.serial)
         assert recorded is not None and recorded["outcome"] == "ok"
         assert recorded["report"] == report.to_bytes()
         # Replayed: the nonce was used; nothing more is recorded.
         with pytest.raises(ProtocolError, match="replayed or stale"):
-            lab.desk.audit(report, lab.meter_certificate, datetime.now(UTC))
+            lab.desk.audit(report, lab.meter_certificate, datetime.now(UTC), WITHOUT_POST_OFFICE)
         assert lab.ledger.last_audit(lab.serial) == recorded
         # The meter takes the acknowledgement once; the watchdog restarts from now.
         done = psd.acknowledge_device_audit(ack)
@@ -233,7 +233,7 @@ def test_a_report_for_another_nonce_or_altered_is_refused_and_not_recorded(
         own = psd.request_device_audit(bytes(range(16)))["signed_report"]  # not the provider's
         report = DeviceAuditReport.from_json(own, "report")
         with pytest.raises(ProtocolError, match="did not hand out"):
-            lab.desk.audit(report, lab.meter_certificate, datetime.now(UTC))
+            lab.desk.audit(report, lab.meter_certificate, datetime.now(UTC), WITHOUT_POST_OFFICE)
         doc = psd.request_device_audit(asked)["signed_report"]
         doc["registers"] = {"ascending": 0, "descending": 200_000, "control_total": 200_000}
         with pytest.raises(ProtocolError, match="does not verify"):
@@ -241,6 +241,7 @@ def test_a_report_for_another_nonce_or_altered_is_refused_and_not_recorded(
                 DeviceAuditReport.from_json(doc, "altered"),
                 lab.meter_certificate,
                 datetime.now(UTC),
+                WITHOUT_POST_OFFICE,
             )
         assert lab.ledger.last_audit(lab.serial) is None
 
@@ -287,7 +288,7 @@ def test_an_acknowledgement_from_another_signer_or_too_late_is_refused(
         psd.logon(*ROLE_USERS["customer"])
         nonce = lab.desk.new_nonce(lab.serial, datetime.now(UTC))
         report = DeviceAuditReport.from_json(psd.request_device_audit(nonce)["signed_report"], "r")
-        ack = lab.desk.audit(report, lab.meter_certificate, datetime.now(UTC))
+        ack = lab.desk.audit(report, lab.meter_certificate, datetime.now(UTC), WITHOUT_POST_OFFICE)
         rogue = RawKey()
         forged = replace(ack, signature=b"").signed_by(rogue.sign)
         with pytest.raises(ProtocolError, match="does not verify"):
@@ -325,7 +326,7 @@ def test_an_audit_releases_expired_grants_the_meter_never_applied(
         # Within its timeout the grant might still be applied: the audit leaves it open.
         nonce = lab.desk.new_nonce(lab.serial, now)
         report = DeviceAuditReport.from_json(psd.request_device_audit(nonce)["signed_report"], "r")
-        lab.desk.audit(report, lab.meter_certificate, now)
+        lab.desk.audit(report, lab.meter_certificate, now, WITHOUT_POST_OFFICE)
         assert [t.transaction_id for t in lab.ledger.open_transactions(lab.serial)] == [lost]
 
         # 16 minutes on, a report made after the expiry proves it was never applied.
@@ -335,7 +336,7 @@ def test_an_audit_releases_expired_grants_the_meter_never_applied(
         )
         nonce = lab.desk.new_nonce(lab.serial, later)
         report = DeviceAuditReport.from_json(psd.request_device_audit(nonce)["signed_report"], "r")
-        lab.desk.audit(report, lab.meter_certificate, later)
+        lab.desk.audit(report, lab.meter_certificate, later, WITHOUT_POST_OFFICE)
         settled = lab.ledger.transaction(lost)
         assert settled is not None and settled.state is TransactionState.ABORTED
         assert "never applied" in str(settled.reason)
@@ -362,6 +363,6 @@ def test_an_audit_never_releases_a_grant_the_meter_may_have_applied(
         later = now + timedelta(days=2)
         nonce = lab.desk.new_nonce(lab.serial, later)
         report = DeviceAuditReport.from_json(psd.request_device_audit(nonce)["signed_report"], "r")
-        lab.desk.audit(report, lab.meter_certificate, later)
+        lab.desk.audit(report, lab.meter_certificate, later, WITHOUT_POST_OFFICE)
         still = lab.ledger.transaction(txid)
         assert still is not None and still.state is TransactionState.PREPARED

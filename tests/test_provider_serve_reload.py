@@ -4,11 +4,8 @@ stapling the status `meter provider issue-status` wrote, and the device audit ro
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +16,8 @@ from click.testing import CliRunner
 
 from meter.cli.home import Home
 from meter.cli.main import cli
-from meter.provider.ledger_sqlite import SqliteLedger
+from meter.provider.ledger_sql import open_ledger
+from tests._provider_serve import serving
 from tests._reload_harness import CUSTOMER, PROVIDER_USER, Harness, prepare_lab
 
 pytestmark = [pytest.mark.softhsm, pytest.mark.slow]
@@ -45,12 +43,6 @@ def harness(device_home: Home) -> Iterator[Harness]:
         harness.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def served(served_process: tuple[str, subprocess.Popen[str]]) -> str:
     """`meter provider serve` on the lab's ledger, as a process of its own: its URL."""
@@ -63,30 +55,8 @@ def served_process(harness: Harness) -> Iterator[tuple[str, subprocess.Popen[str
     lab = harness.lab
     code, status = meter(lab.home, None, "provider", "issue-status")
     assert code == 0 and status["status"] == "GOOD", status
-    port = _free_port()
-    command = [sys.executable, "-m", "meter.cli.main", "--home", str(lab.home.path)]
-    server = subprocess.Popen(
-        [*command, "provider", "serve", "--db", str(lab.ledger), "--port", str(port)],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ),
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                with urllib.request.urlopen(f"{base}/healthz", timeout=2):
-                    break
-            except OSError:
-                assert server.poll() is None, server.stderr.read() if server.stderr else ""
-                time.sleep(0.1)
-        else:
-            raise AssertionError("meter provider serve did not answer")
+    with serving(lab.home, "--db", lab.ledger) as (base, server):
         yield base, server
-    finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGINT)
-            server.communicate(timeout=30)
 
 
 def test_the_served_provider_reloads_and_a_revoked_status_stops_it(
@@ -109,7 +79,7 @@ def test_the_served_provider_reloads_and_a_revoked_status_stops_it(
     assert code == 0 and status["status"] == "REVOKED", status
     code, refused = meter(lab.home, PROVIDER_USER, "reload", "1.00", "--provider", served)
     assert code != 0 and "revoked" in str(refused["message"]), refused
-    ledger = SqliteLedger(lab.ledger)
+    ledger = open_ledger(lab.ledger)
     try:
         assert ledger.credited(lab.serial) == 12_500
         assert ledger.account(CUSTOMER).available == lab.funded - 12_500
@@ -137,24 +107,9 @@ def test_serve_mounts_the_audit_and_withdrawal_routes(served: str) -> None:
 def test_without_a_status_serve_runs_with_reload_off(device_home: Home) -> None:
     status = device_home.path / "provider" / "status.bin"
     assert not status.exists()
-    port = _free_port()
-    command = [sys.executable, "-m", "meter.cli.main", "--home", str(device_home.path)]
-    server = subprocess.Popen(
-        [*command, "provider", "serve", "--port", str(port)],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ),
-    )
-    try:
-        for _ in range(300):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
-                    break
-            except OSError:
-                assert server.poll() is None, server.stderr.read() if server.stderr else ""
-                time.sleep(0.1)
+    with serving(device_home) as (base, server):
         request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/reload/hello",
+            f"{base}/v1/reload/hello",
             data=b"{}",
             method="POST",
             headers={"Content-Type": "application/json"},
@@ -162,7 +117,6 @@ def test_without_a_status_serve_runs_with_reload_off(device_home: Home) -> None:
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=5)
         assert refused.value.code == 404
-    finally:
         server.send_signal(signal.SIGINT)
         _, err = server.communicate(timeout=30)
     assert "reload is off: no provider status" in err

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +16,7 @@ import pytest
 import uvicorn
 from _postgres import fresh_database
 from _postgres import ledger_location as ledger_location  # a fixture: sqlite, postgresql
+from _provider_serve import serving
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
@@ -417,36 +413,13 @@ def test_cli_migrate_to_postgresql(provisioned: Home) -> None:
 def test_meter_provider_serve_runs_the_service(provisioned: Home) -> None:
     """`meter provider serve` itself: the home's token and ledger, a key, a payment."""
     key = ApiKeys(provisioned.path / "provider" / "keys.json").add("desk")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    command = [sys.executable, "-m", "meter.cli.main", "--home", str(provisioned.path)]
-    server = subprocess.Popen(
-        [*command, "provider", "serve", "--port", str(port)],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ),
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            try:
-                with urllib.request.urlopen(f"{base}/healthz", timeout=2) as answer:
-                    assert json.loads(answer.read()) == {"status": "ok"}
-                    break
-            except OSError:
-                assert server.poll() is None, server.stderr.read() if server.stderr else ""
-                time.sleep(0.1)
-        else:
-            raise AssertionError("meter provider serve did not answer")
+    with serving(provisioned) as (base, _):
+        with urllib.request.urlopen(f"{base}/healthz", timeout=2) as answer:
+            assert json.loads(answer.read()) == {"status": "ok"}
         env = {"METER_PROVIDER_KEY": key}
         meter(provisioned, "provider", "add-customer", "ACME", "Acme", "--service", base, env=env)
         answer = meter(provisioned, "provider", "fund", "ACME", "20.00", "--service", base, env=env)
         assert answer["available"] == 20_000
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=30)
     # What the service recorded is in the home's ledger.
     assert meter(provisioned, "provider", "account", "ACME")["available"] == 20_000
 

@@ -33,6 +33,7 @@ from meter.pki.reload_certs import ProviderStatus, ProviderStatusKind, make_relo
 from meter.protocol.reload_messages import Finish, Kind, Record
 from meter.provider import PostalRoot, Provider
 from meter.provider.ledger import TransactionState
+from meter.provider.ledger_sql import SqlLedger, open_ledger
 from meter.provider.ledger_sqlite import SqliteLedger
 from meter.provider.reload_server import ReloadServer
 from meter.psd.firmware import PSD
@@ -76,7 +77,7 @@ class Parties:
     psd: PSD
     device: InProcessDevice
     server: ReloadServer
-    ledger: SqliteLedger
+    ledger: SqlLedger
     received: list[bytes]  # what the provider sent, as the host saw it
 
     def send(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -106,7 +107,7 @@ def parties(
         home.open_token("provider") as token,
     ):
         psd.logon(*user)
-        ledger = SqliteLedger(lab.ledger)
+        ledger = open_ledger(lab.ledger)
         try:
             server = ReloadServer(
                 Provider.open(token, home.ledger), ledger, status or lab.status.read_bytes()
@@ -261,7 +262,7 @@ def test_a_meter_not_authorized_at_the_provider_is_refused(lab: Lab) -> None:
     ledger.create_customer("OTHER-1", "Somebody Else", datetime.now(UTC))
     ledger.fund("OTHER-1", 10**6, "lab", datetime.now(UTC))
     ledger.close()
-    wrong = Lab(lab.home, other, lab.status, lab.serial, lab.baseline, lab.funded)
+    wrong = Lab(lab.home, str(other), lab.status, lab.serial, lab.baseline, lab.funded)
     with parties(wrong) as p:
         with pytest.raises(AccessDenied, match="not authorized to any customer"):
             p.reload(5_000)

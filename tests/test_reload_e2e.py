@@ -1,5 +1,6 @@
 """Reload end to end: the device process (`meterd`), the provider's HTTP service (uvicorn
-over the SQLite ledger) and the ``meter`` command relaying between them."""
+over the accounts ledger, SQLite and PostgreSQL) and the ``meter`` command relaying
+between them."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import json
 from collections.abc import Iterator
 
 import pytest
+from _postgres import ledger_location as ledger_location  # a fixture: sqlite, postgresql
 from click.testing import CliRunner
 
 from meter.cli.home import Home
 from meter.cli.main import cli
-from meter.provider.ledger_sqlite import SqliteLedger
+from meter.provider.ledger_sql import open_ledger
 from tests._reload_harness import AUTHORITY_USER, CUSTOMER, PROVIDER_USER, Harness, prepare_lab
 
 pytestmark = [pytest.mark.softhsm, pytest.mark.slow]
@@ -29,8 +31,8 @@ def meter(home: Home, user: tuple[str, str], *args: str) -> tuple[int, dict[str,
 
 
 @pytest.fixture
-def harness(device_home: Home) -> Iterator[Harness]:
-    lab = prepare_lab(device_home)
+def harness(device_home: Home, ledger_location: str) -> Iterator[Harness]:
+    lab = prepare_lab(device_home, ledger_location)
     harness = Harness(lab)
     harness.start_device()
     try:
@@ -53,7 +55,7 @@ def test_reload_through_the_device_process_the_provider_service_and_the_cli(
     assert code == 0, result
     assert result["amount"] == 25_000 and result["provider_settled"] is True
     assert result["control_total"] == lab.baseline + 25_000
-    ledger = SqliteLedger(lab.ledger)
+    ledger = open_ledger(lab.ledger)
     try:
         assert ledger.credited(lab.serial) == 25_000
         assert ledger.account(CUSTOMER).available == lab.funded - 25_000

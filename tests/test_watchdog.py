@@ -12,6 +12,7 @@ from meter.cli.home import Home
 from meter.errors import AccessDenied, DeviceLocked, ProtocolError
 from meter.protocol.device_audit import DeviceAuditReport
 from meter.protocol.watchdog import COMMERCIAL, WatchdogThresholds
+from meter.provider.audits import WITHOUT_POST_OFFICE
 from meter.psd.device_state import DeviceState
 from meter.psd.firmware import PSD
 from meter.psd.watchdog import WatchdogLevel, evaluate, thresholds_for
@@ -81,7 +82,9 @@ def _customer_after(psd: PSD, clock: Clock, days: int) -> dict[str, object]:
 def _audit(psd: PSD, lab: ProviderLab) -> None:
     nonce = lab.desk.new_nonce(lab.serial, datetime.now(UTC))
     report = DeviceAuditReport.from_json(psd.request_device_audit(nonce)["signed_report"], "r")
-    psd.acknowledge_device_audit(lab.desk.audit(report, lab.meter_certificate, datetime.now(UTC)))
+    psd.acknowledge_device_audit(
+        lab.desk.audit(report, lab.meter_certificate, datetime.now(UTC), WITHOUT_POST_OFFICE)
+    )
 
 
 @pytest.mark.softhsm
@@ -137,7 +140,7 @@ def test_an_acknowledgement_a_day_late_does_not_count(
     with provider_lab(device_home, tmp_path / "provider") as lab:
         nonce = lab.desk.new_nonce(lab.serial, datetime.now(UTC))
         report = DeviceAuditReport.from_json(psd.request_device_audit(nonce)["signed_report"], "r")
-        ack = lab.desk.audit(report, lab.meter_certificate, datetime.now(UTC))
+        ack = lab.desk.audit(report, lab.meter_certificate, datetime.now(UTC), WITHOUT_POST_OFFICE)
         clock.now += timedelta(hours=25)
         with pytest.raises(ProtocolError, match="older than"):
             psd.acknowledge_device_audit(ack)

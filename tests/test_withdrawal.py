@@ -30,6 +30,7 @@ from meter.postoffice.verdict import Verdict
 from meter.postoffice.verifier import Verifier
 from meter.protocol.device_audit import AuditAcknowledgement, DeviceAuditReport
 from meter.protocol.revocation_export import RevocationExport
+from meter.provider.audits import WITHOUT_POST_OFFICE
 from meter.provider.withdrawal import (
     REFUND_WINDOW,
     WITHDRAWAL_REFUND_ID,
@@ -37,8 +38,10 @@ from meter.provider.withdrawal import (
 )
 from meter.psd.firmware import PSD
 from meter.psd.register_store import MAC_KEY_LABEL
+from meter.psd.services_reload import RELOAD_CERT_APPLICATION, RELOAD_KEY_LABEL
 from meter.psd.services_withdrawal import DESTROYED_AT_WITHDRAWAL
 from tests._audit_lab import ProviderLab, provider_lab
+from tests._reload_harness import prepare_lab
 from tests.conftest import LETTER as REQUEST  # tests/test_withdrawal_cli.py imports it too
 from tests.conftest import ROLE_USERS, open_meter_token
 
@@ -63,7 +66,7 @@ def begin(home: Home, lab: ProviderLab) -> AuditAcknowledgement:
     with logged_on(home, "provider") as client:
         report = client.withdraw_begin(lab.desk.new_nonce(lab.serial, now()))
     assert report.withdrawing
-    return lab.withdrawals.final_audit(report, lab.meter_certificate, now())
+    return lab.withdrawals.final_audit(report, lab.meter_certificate, now(), WITHOUT_POST_OFFICE)
 
 
 @contextmanager
@@ -99,6 +102,15 @@ def refunded(lab: ProviderLab) -> int:
     return lab.ledger.account(DEMO_CUSTOMER).refunded
 
 
+def certify_reload(home: Home) -> None:
+    """Authorize PSD for the reload key (made in the token, certified by the provider), as
+    every meter that reloads has it: the withdrawal must destroy that key too."""
+    prepare_lab(home)
+    with open_meter_token(home) as token:
+        assert token.has_key(RELOAD_KEY_LABEL)
+        assert len(token.data_objects(RELOAD_CERT_APPLICATION)) == 1
+
+
 def check_withdrawn(home: Home, lab: ProviderLab, descending: int, pieces: int) -> None:
     """Nothing issued after step 1, the refund made once, the keys gone, the state withdrawn."""
     with running_device(home):
@@ -113,6 +125,8 @@ def check_withdrawn(home: Home, lab: ProviderLab, descending: int, pieces: int) 
     assert last is not None and last["details"]["refund"] == descending
     with open_meter_token(home) as token:
         assert not any(token.has_key(label) for label in DESTROYED_AT_WITHDRAWAL)
+        assert not token.has_key(RELOAD_KEY_LABEL)  # it would still prove the meter
+        assert token.data_objects(RELOAD_CERT_APPLICATION) == []  # for a key that is gone
         assert token.has_key(MAC_KEY_LABEL)  # the records stay readable
 
 
@@ -120,6 +134,7 @@ def test_withdrawal_refund_revocation_and_the_post_office_verdict(
     device_home: Home, tmp_path: Path
 ) -> None:
     home = device_home
+    certify_reload(home)
     with provider_lab(home, tmp_path / "provider") as lab:
         with running_device(home):
             with logged_on(home, "customer") as client:
@@ -206,8 +221,8 @@ def test_refunds_are_made_once_and_refused_after_180_days(
         report = final_report(lab, psd, "final")
         # Not a routine audit: the routine desk refuses a withdrawing meter's report.
         with pytest.raises(ProtocolError, match="being withdrawn"):
-            lab.desk.audit(report, lab.meter_certificate, now())
-        ack = lab.withdrawals.final_audit(report, lab.meter_certificate, now())
+            lab.desk.audit(report, lab.meter_certificate, now(), WITHOUT_POST_OFFICE)
+        ack = lab.withdrawals.final_audit(report, lab.meter_certificate, now(), WITHOUT_POST_OFFICE)
         assert refunded(lab) == report.descending
         last = lab.ledger.last_audit(lab.serial)
         assert last is not None and last["outcome"] == WithdrawalOutcome.REFUNDED
@@ -215,7 +230,7 @@ def test_refunds_are_made_once_and_refused_after_180_days(
         assert refunded(lab) == report.descending
         # A rerun of the final audit with a new report of the same registers refunds nothing.
         second = final_report(lab, psd, "again")
-        lab.withdrawals.final_audit(second, lab.meter_certificate, now())
+        lab.withdrawals.final_audit(second, lab.meter_certificate, now(), WITHOUT_POST_OFFICE)
         assert refunded(lab) == report.descending
         # A withdrawal acknowledgement for other registers does not destroy anything.
         wrong = replace(ack, descending=ack.descending - 1, signature=b"").signed_by(lab.desk.sign)
@@ -235,7 +250,7 @@ def test_a_refund_pending_after_a_provider_crash_is_completed_once(
         details = lab.desk.check_and_record(
             report,
             now(),
-            None,
+            WITHOUT_POST_OFFICE,
             WithdrawalOutcome.AUDITED,
             {"withdrawal_audited_at": now().isoformat()},
         )
@@ -295,6 +310,8 @@ STEP_1_POINTS = [("after-create", 1), ("after-create", 2), ("before-sign", 1), (
 STEP_3_POINTS = [
     ("after-destroy-key", 1),
     ("after-destroy-key", 3),
+    ("after-destroy-key", 4),  # the reload key gone, its certificate not yet
+    ("after-destroy", 1),  # a data object destroyed: the seal's, or the reload certificate
     ("after-create", 1),
     ("after-create", 2),
     ("before-audit", 1),
@@ -326,6 +343,7 @@ def test_sigkill_while_destroying_the_keys(
     device_home: Home, tmp_path: Path, point: str, nth: int
 ) -> None:
     home = device_home
+    certify_reload(home)
     with provider_lab(home, tmp_path / "provider") as lab:
         with running_device(home):
             ack = begin(home, lab)
@@ -373,80 +391,6 @@ def test_the_load_revocations_command(device_home: Home, tmp_path: Path) -> None
     )
     assert loaded.exit_code == 0, loaded.output
     assert json.loads(loaded.output)["devices"] == 1
-
-
-def test_audit_and_withdrawal_over_the_provider_service(device_home: Home, tmp_path: Path) -> None:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.x509.oid import NameOID
-    from fastapi.testclient import TestClient
-
-    from meter.provider import Provider
-    from meter.provider.api_keys import ApiKeys, KeyRole
-    from meter.provider.audit_routes import audit_router
-    from meter.provider.http import create_provider_app
-    from meter.provider.http_config import ProviderConfig
-    from tests._audit_lab import books, meter_certificate
-
-    home = device_home
-    cert = meter_certificate(home)
-    pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-    keys = ApiKeys(tmp_path / "keys.json")
-    operator = {"Authorization": f"Bearer {keys.add('desk', KeyRole.OPERATOR)}"}
-    auditor = {"Authorization": f"Bearer {keys.add('books', KeyRole.AUDITOR)}"}
-    serial = int(str(cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)[0].value))
-    ledger = books(tmp_path / "accounts.sqlite", serial, 100_000)
-    config = ProviderConfig(ledger=str(tmp_path / "accounts.sqlite"), keys=keys.path)
-    try:
-        with (
-            home.open_token("provider") as token,
-            PSD.power_up(home.open_device_token(), home.device) as psd,
-        ):
-            app = create_provider_app(
-                config,
-                ledger,
-                Provider.open(token, home.ledger),
-                routers=[audit_router(tmp_path / "revocations.json")],
-            )
-            psd.logon(*ROLE_USERS["provider"])
-            with TestClient(app, base_url="http://localhost") as client:
-
-                def nonce() -> bytes:
-                    answer = client.post(
-                        "/v1/audits/nonce", json={"device_serial": serial}, headers=operator
-                    )
-                    assert answer.status_code == 200, answer.text
-                    return bytes.fromhex(answer.json()["nonce_hex"])
-
-                report = psd.request_device_audit(nonce())["signed_report"]
-                body = {"report": report, "meter_certificate_pem": pem}
-                denied = client.post("/v1/audits", json=body, headers=auditor)
-                assert denied.status_code == 403
-                answer = client.post("/v1/audits", json=body, headers=operator)
-                assert answer.status_code == 200, answer.text
-                ack = AuditAcknowledgement.from_json(answer.json()["acknowledgement"], "ack")
-                replayed = client.post("/v1/audits", json=body, headers=operator)
-                assert replayed.status_code == 409 and "replayed" in replayed.json()["message"]
-                psd.acknowledge_device_audit(ack)
-
-                final = psd.withdraw_psd(nonce=nonce())["signed_report"]
-                answer = client.post(
-                    "/v1/withdrawals",
-                    json={"report": final, "meter_certificate_pem": pem},
-                    headers=operator,
-                )
-                assert answer.status_code == 200, answer.text
-                assert answer.json()["refund"] == 100_000
-                ack = AuditAcknowledgement.from_json(answer.json()["acknowledgement"], "ack")
-                assert psd.withdraw_psd(acknowledgement=ack)["step"] == "withdrawn"
-                revoked = client.post(f"/v1/withdrawals/{serial}/revocation", headers=operator)
-                assert revoked.status_code == 200, revoked.text
-                export = client.get("/v1/revocations", headers=auditor)
-                assert export.status_code == 200
-        assert ledger.account(DEMO_CUSTOMER).refunded == 100_000
-    finally:
-        ledger.close()
-    count = load_revocation_export(home.certs, export.content, "the provider's export")
-    assert count == 1
 
 
 def test_only_the_provider_may_begin_a_withdrawal(device_home: Home, tmp_path: Path) -> None:

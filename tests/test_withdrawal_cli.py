@@ -30,7 +30,7 @@ from meter.host import DeviceClient
 from meter.postoffice.trustdir import load_revocation_export
 from meter.provider.api_keys import ApiKeys, KeyRole
 from meter.provider.withdrawal import WithdrawalOutcome
-from tests._audit_lab import books, meter_certificate
+from tests._audit_lab import books, local_grant_id, meter_certificate
 from tests.conftest import ROLE_USERS, open_meter_token
 from tests.test_withdrawal import REQUEST, dying_device
 
@@ -38,6 +38,10 @@ pytestmark = pytest.mark.softhsm
 
 ROOT = Path(__file__).parent.parent
 CREDITED = 100_000  # what conftest.set_up credited the meter, and the provider's ledger says
+# The commands with the operator's explicit waiver of the post office's reconciliation
+# (these tests have no post office); the URL follows.
+WITHDRAW = ("withdraw", "--without-post-office", "--provider")
+AUDIT = ("device-audit", "--without-post-office", "--provider")
 
 
 @dataclass
@@ -61,7 +65,7 @@ def provider_service(home: Home, folder: Path) -> Iterator[Service]:
     serial = _subject_serial(home)
     folder.mkdir(parents=True, exist_ok=True)
     ledger_path = folder / "accounts.sqlite"
-    books(ledger_path, serial, CREDITED).close()
+    books(ledger_path, serial, CREDITED, local_grant_id(home)).close()
     keys = ApiKeys(folder / "keys.json")
     operator, auditor = keys.add("field-tech", KeyRole.OPERATOR), keys.add("books", KeyRole.AUDITOR)
     port = free_port()
@@ -177,6 +181,7 @@ def test_meter_withdraw_through_the_provider_service(device_home: Home, tmp_path
             "withdraw",
             "--provider",
             service.url,
+            "--without-post-office",
             "--revocations-out",
             str(export),
             key=service.operator,
@@ -194,7 +199,7 @@ def test_meter_withdraw_through_the_provider_service(device_home: Home, tmp_path
         assert run.result["module_state"] == "withdrawn"
         assert "step 3: the device destroyed its keys" in run.stderr
         # A rerun finds everything done but the (idempotent) revocation.
-        again = meter(home, "provider", "withdraw", "--provider", service.url, key=service.operator)
+        again = meter(home, "provider", *WITHDRAW, service.url, key=service.operator)
         assert again.code == 0, again.stderr
         assert again.result["resumed_at"] == "revocation"
         assert again.result["steps"] == ["revocation"]
@@ -217,18 +222,14 @@ def test_an_interrupted_withdrawal_resumes_when_rerun(
     home = device_home
     with provider_service(home, tmp_path / "provider") as service:
         with dying_device(home, point, nth) as proc:
-            run = meter(
-                home, "provider", "withdraw", "--provider", service.url, key=service.operator
-            )
+            run = meter(home, "provider", *WITHDRAW, service.url, key=service.operator)
             proc.wait(30)
             assert proc.returncode == -signal.SIGKILL
         assert run.code == 1
         with running_device(home):
             state = status(home)
             assert state["withdrawing_since"] is not None and state["withdrawn_at"] is None
-            again = meter(
-                home, "provider", "withdraw", "--provider", service.url, key=service.operator
-            )
+            again = meter(home, "provider", *WITHDRAW, service.url, key=service.operator)
             assert again.code == 0, again.stderr
             assert again.result["resumed_at"] == resumes
             step = {"final-audit": "step 1", "destroy-keys": "step 3"}[resumes]
@@ -242,7 +243,7 @@ def test_a_wrong_or_missing_key_or_role_leaves_the_device_as_it_was(
 ) -> None:
     home = device_home
     with provider_service(home, tmp_path / "provider") as service, running_device(home):
-        withdraw = ("withdraw", "--provider", service.url)
+        withdraw = (*WITHDRAW, service.url)
         wrong = meter(home, "provider", *withdraw, key="pk_" + "0" * 40)
         assert wrong.code == 1 and wrong.result["error"] == "AuthenticationFailed"
         reader = meter(home, "provider", *withdraw, key=service.auditor)
@@ -254,8 +255,20 @@ def test_a_wrong_or_missing_key_or_role_leaves_the_device_as_it_was(
         assert customer.code == 1 and customer.result["error"] == "AccessDenied"
         no_provider = meter(home, "provider", "withdraw", key=service.operator)
         assert no_provider.code == 1 and "--provider URL" in no_provider.result["message"]
-        audit = meter(home, "auditor", "device-audit", "--provider", service.url, key="bogus")
+        audit = meter(home, "auditor", *AUDIT, service.url, key="bogus")
         assert audit.code == 1 and audit.result["error"] == "AuthenticationFailed"
+        # Neither the post office's reconciliation nor the explicit waiver (nor both):
+        # refused before the provider or the device is asked.
+        for role, command in (("provider", "withdraw"), ("auditor", "device-audit")):
+            unchecked = meter(home, role, command, "--provider", service.url, key=service.operator)
+            assert unchecked.code == 1 and unchecked.result["error"] == "InvalidInput"
+            assert "--without-post-office" in unchecked.result["message"]
+        both = tmp_path / "reconciliation.json"
+        both.write_text('{"devices": [], "findings": []}')
+        twice = meter(
+            home, "auditor", *AUDIT, service.url, "--post-office", str(both), key=service.operator
+        )
+        assert twice.code == 1 and "not both" in twice.result["message"]
         state = status(home)
         assert state["withdrawing_since"] is None and state["module_state"] != "withdrawn"
         with DeviceClient(home.socket) as client:
@@ -272,7 +285,9 @@ def test_an_unreachable_provider_leaves_the_device_as_it_was(
     gone = f"http://127.0.0.1:{free_port()}"
     with running_device(home):
         for role, command in (("provider", "withdraw"), ("auditor", "device-audit")):
-            run = meter(home, role, command, "--provider", gone, key="pk_whatever")
+            run = meter(
+                home, role, command, "--provider", gone, "--without-post-office", key="pk_whatever"
+            )
             assert run.code == 1
             assert run.result["error"] == "ConfigurationError"
             assert "cannot reach the provider service" in run.result["message"]
@@ -299,9 +314,7 @@ def test_device_audit_through_the_provider_clears_the_watchdog(
         ):
             client.logon(*ROLE_USERS["customer"])
             client.issue(REQUEST)
-        run = meter(
-            home, "auditor", "device-audit", "--provider", service.url, key=service.operator
-        )
+        run = meter(home, "auditor", *AUDIT, service.url, key=service.operator)
         assert run.code == 0, run.stderr
         assert run.result["watchdog"]["level"] == "ok"
         assert run.result["descending"] == CREDITED
@@ -311,4 +324,6 @@ def test_device_audit_through_the_provider_clears_the_watchdog(
             assert client.issue(REQUEST).sequence == 1  # issuing again
     last = last_audit(service)
     assert last is not None and last["outcome"] == "ok"
+    assert last["details"]["post_office_waived"] is True  # the operator said so: recorded
+    assert last["details"]["post_office_checked"] is False
     assert last["details"]["clock_skew_s"] > 120 * 86_400  # the provider saw the clock

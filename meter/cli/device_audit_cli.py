@@ -36,25 +36,38 @@ def register(cli: click.Group) -> None:
         "post_office",
         type=click.Path(dir_okay=False, exists=True, path_type=Path),
         default=None,
-        help="A post office's `meter postoffice reconcile --json` for the provider to check.",
+        help="A post office's `meter postoffice reconcile --json` for the provider to check "
+        "the device against (this or --without-post-office is needed with --provider).",
+    )
+    _without_post_office_option = click.option(
+        "--without-post-office",
+        is_flag=True,
+        help="Have the provider audit without a post office's reconciliation; the provider "
+        "records that it was not checked.",
     )
 
     @cli.command("device-audit")
     @_provider_option
     @_post_office_option
+    @_without_post_office_option
     @click.pass_context
     def device_audit(
-        ctx: click.Context, provider_url: str | None, post_office: Path | None
+        ctx: click.Context,
+        provider_url: str | None,
+        post_office: Path | None,
+        without_post_office: bool,
     ) -> None:
         """Request Device Audit: rerun the self-tests and report the device's figures.
 
         With --provider URL, the provider's signed audit: its nonce, the device's
         signed report, the provider's check, its acknowledgement into the device
-        (the inspection watchdog restarts). See docs/withdrawal.md.
+        (the inspection watchdog restarts), checked against the post office's
+        reconciliation (--post-office FILE) or, said explicitly and recorded,
+        without it (--without-post-office). See docs/withdrawal.md.
         """
         from meter.cli.withdraw_cli import run_device_audit
 
-        run_device_audit(ctx, provider_url, post_office)
+        run_device_audit(ctx, provider_url, post_office, without_post_office)
 
     @cli.command()
     @_provider_option
@@ -65,22 +78,25 @@ def register(cli: click.Group) -> None:
         help="Also write the provider's signed revocation export here (for post offices).",
     )
     @_post_office_option
+    @_without_post_office_option
     @click.pass_context
     def withdraw(
         ctx: click.Context,
         provider_url: str | None,
         revocations_out: Path | None,
         post_office: Path | None,
+        without_post_office: bool,
     ) -> None:
         """Withdraw PSD (Provider): take the device out of service for good.
 
         Needs --provider URL and the device's Provider user (--user): final signed
-        audit, refund, keys destroyed, revocation. Rerun after an interruption: it
-        resumes at the step where it stopped. See docs/withdrawal.md.
+        audit (checked against --post-office FILE, or --without-post-office), refund,
+        keys destroyed, revocation. Rerun after an interruption: it resumes at the
+        step where it stopped. See docs/withdrawal.md.
         """
         from meter.cli.withdraw_cli import run_withdraw
 
-        run_withdraw(ctx, provider_url, revocations_out, post_office)
+        run_withdraw(ctx, provider_url, revocations_out, post_office, without_post_office)
 
 
 def _save(path: Path, document: str, *, overwrite: bool) -> None:

@@ -1,11 +1,12 @@
-"""``meter provider fund|add-customer|account|authorize-meter|migrate|keys``.
+"""``meter provider fund|add-customer|account|expired|authorize-meter|migrate|keys``.
 
 The accounts ledger is the home's SQLite file (``HOME/provider/accounts.db``)
 unless ``--db`` names another file or a postgresql:// URL (its password from
 the URL or libpq's PGPASSWORD/.pgpass; never echoed). ``fund`` and
 ``add-customer`` work on the ledger directly, or through a running service
 with ``--service URL`` and the operator key in METER_PROVIDER_KEY. ``keys``
-manages the service's operator keys. ``serve`` is in meter.cli.provider_serve_cli.
+manages the service's operator keys (meter.cli.provider_keys_cli). ``serve`` is in
+meter.cli.provider_serve_cli.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import secrets
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import click
 
 from meter.cli.common import emit, errors, home_of, parse_postage
 from meter.cli.home import Home
+from meter.cli.provider_keys_cli import default_keys, keys
 from meter.durable import write_atomically
 from meter.errors import (
     AccessDenied,
@@ -34,11 +36,12 @@ from meter.errors import (
     MeterError,
     ProtocolError,
 )
-from meter.provider.api_keys import ApiKeys, KeyRole
+from meter.protocol.reload import PREPARE_TIMEOUT
 from meter.provider.ledger_sql import SqlLedger, copy_ledger, open_ledger
 
 __all__ = [
     "DB_OPTION",
+    "EXPIRED_NOTE",
     "LEDGER_COMMANDS",
     "default_keys",
     "default_ledger",
@@ -57,10 +60,6 @@ _SERVICE_ERRORS: dict[str, type[MeterError]] = {
 
 def default_ledger(home: Home) -> Path:
     return home.path / "provider" / "accounts.db"
-
-
-def default_keys(home: Home) -> Path:
-    return home.path / "provider" / "keys.json"
 
 
 def format_dollars(mills: int) -> str:
@@ -217,6 +216,93 @@ def account(ctx: click.Context, customer: str, db: str | None) -> None:
         )
 
 
+EXPIRED_NOTE = (
+    "their funds stay reserved until the meter's next contact (a reload, or a device audit) "
+    "settles each one; they are never released blindly: the meter may have applied the "
+    "grant and its receipt may still be on its way"
+)
+
+
+def _instant(text: str | None) -> datetime:
+    if text is None:
+        return datetime.now(UTC)
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInput(f"--now {text!r} is not an ISO 8601 time") from None
+    if at.tzinfo is None:
+        raise InvalidInput(f"--now {text!r} has no time zone (e.g. 2026-12-02T09:00:00+00:00)")
+    return at.astimezone(UTC)
+
+
+def _minutes(span: timedelta) -> str:
+    return f"{span.total_seconds() / 60:.0f} min"
+
+
+@click.command("expired")
+@click.option(
+    "--now",
+    "at",
+    default=None,
+    metavar="TIME",
+    help="Judge at this ISO 8601 time instead of the clock (e.g. what will be past its "
+    "timeout by then).",
+)
+@DB_OPTION
+@click.pass_context
+def expired(ctx: click.Context, at: str | None, db: str | None) -> None:
+    """List PREPARED reload transactions past their timeout (15 minutes).
+
+    Each is a grant whose meter has not answered for it since: its fate is fixed
+    (the meter can no longer apply it), and the meter's next contact settles it,
+    committing on its receipt or aborting on its signed "not applied". Nothing is
+    released here: a blind abort could release funds the meter was credited with.
+    """
+    with errors(ctx):
+        now = _instant(at)
+        found = _with_ledger(ctx, db, lambda lg: lg.expired(now))
+        rows = [
+            {
+                "transaction_id": t.transaction_id.hex(),
+                "device_serial": t.device_serial,
+                "customer": t.customer,
+                "amount": t.amount,
+                "prepared_at": t.prepared_at.isoformat(),
+                "expires_at": t.expires_at.isoformat(),
+                "age_s": int((now - t.prepared_at).total_seconds()),
+            }
+            for t in found
+        ]
+        reserved = sum(t.amount for t in found)
+
+        def text() -> str:
+            if not found:
+                return f"no PREPARED transaction is past its timeout at {now.isoformat()}"
+            lines = [
+                f"{len(found)} PREPARED transaction(s) past the {_minutes(PREPARE_TIMEOUT)} "
+                f"timeout at {now.isoformat()}, {format_dollars(reserved)} reserved:"
+            ]
+            lines += [
+                f"  {t.transaction_id.hex()}  meter {t.device_serial}  {t.customer}  "
+                f"{format_dollars(t.amount)}  prepared {t.prepared_at.isoformat()}  "
+                f"age {_minutes(now - t.prepared_at)}"
+                for t in found
+            ]
+            return "\n".join([*lines, f"{EXPIRED_NOTE[0].upper()}{EXPIRED_NOTE[1:]}."])
+
+        emit(
+            ctx,
+            {
+                "now": now.isoformat(),
+                "timeout_s": int(PREPARE_TIMEOUT.total_seconds()),
+                "expired": rows,
+                "reserved": reserved,
+                "note": EXPIRED_NOTE,
+            },
+            text,
+        )
+
+
 @click.command("authorize-meter")
 @click.argument("customer")
 @click.argument("device_serial", type=int)
@@ -292,75 +378,4 @@ def migrate(ctx: click.Context, target: str, db: str | None) -> None:
         )
 
 
-@click.group("keys")
-def keys() -> None:
-    """Operator keys of the provider service (role operator, or auditor: read only)."""
-
-
-_KEYS_OPTION = click.option(
-    "--keys",
-    "keys_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Operator keys file (default: HOME/provider/keys.json, as `serve` uses).",
-)
-
-
-def _keys(ctx: click.Context, path: Path | None) -> ApiKeys:
-    return ApiKeys(path or default_keys(home_of(ctx)))
-
-
-@keys.command("add")
-@click.argument("name")
-@click.option(
-    "--role",
-    type=click.Choice([r.value for r in KeyRole]),
-    default=KeyRole.OPERATOR.value,
-    show_default=True,
-)
-@_KEYS_OPTION
-@click.pass_context
-def keys_add(ctx: click.Context, name: str, role: str, keys_path: Path | None) -> None:
-    """Make a key for NAME and print it, this once: only its hash is kept."""
-    with errors(ctx):
-        key = _keys(ctx, keys_path).add(name, KeyRole(role))
-        emit(
-            ctx,
-            {"name": name, "role": role, "key": key},
-            lambda: f"{name} ({role}): {key}\nIt is not shown again.",
-        )
-
-
-@keys.command("list")
-@_KEYS_OPTION
-@click.pass_context
-def keys_list(ctx: click.Context, keys_path: Path | None) -> None:
-    """The keys' names, roles and states (never the keys)."""
-    with errors(ctx):
-        found = [k.public() for k in _keys(ctx, keys_path).records()]
-        emit(
-            ctx,
-            {"keys": found},
-            lambda: (
-                "\n".join(
-                    f"{k['name']:<24} {k['role']:<8} id {k['id']}  made {k['created']}"
-                    + (f"  REVOKED {k['revoked']}" if k["revoked"] else "")
-                    for k in found
-                )
-                or "no keys yet: meter provider keys add NAME"
-            ),
-        )
-
-
-@keys.command("revoke")
-@click.argument("name")
-@_KEYS_OPTION
-@click.pass_context
-def keys_revoke(ctx: click.Context, name: str, keys_path: Path | None) -> None:
-    """Revoke NAME's active key; it fails from the service's next request."""
-    with errors(ctx):
-        revoked = _keys(ctx, keys_path).revoke(name)
-        emit(ctx, revoked.public(), lambda: f"revoked the key of {revoked.name}")
-
-
-LEDGER_COMMANDS = (add_customer, fund, account, authorize_meter_command, migrate, keys)
+LEDGER_COMMANDS = (add_customer, fund, account, expired, authorize_meter_command, migrate, keys)

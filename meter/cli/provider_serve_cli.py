@@ -67,16 +67,18 @@ def _reload_server(
         return None
     except OSError as exc:
         raise ConfigurationError(f"{status_file}: cannot read the provider status: {exc}") from exc
-    revoked = Revocations(RevocationBook(default_revocations(home)).entries())
-    server = ReloadServer(provider, ledger, status, revocations=revoked)
-    seen = [status_file.stat().st_mtime_ns]
+    book = RevocationBook(default_revocations(home))
+    server = ReloadServer(provider, ledger, status, revocations=Revocations(book.entries()))
+    status_seen = status_file.stat().st_mtime_ns
+    revocations_seen = _version(book.path)
 
-    def current() -> ReloadServer:
+    def reread_status() -> None:
+        nonlocal status_seen
         try:
             mtime = status_file.stat().st_mtime_ns
-            if mtime == seen[0]:
-                return server
-            seen[0] = mtime  # looked at once per change, good or not
+            if mtime == status_seen:
+                return
+            status_seen = mtime  # looked at once per change, good or not
             server.set_status(status_file.read_bytes())
         except (OSError, MeterError) as exc:
             # Keep stapling the last good status (meters refuse it once stale), and say so.
@@ -85,9 +87,36 @@ def _reload_server(
                 "previous one: issue a new one (meter provider issue-status)",
                 err=True,
             )
+
+    def reread_revocations() -> None:
+        # The withdrawal route (or an operator) adds meters while serve runs: a meter
+        # revoked now gets no credit from the next handshake on, with no restart.
+        nonlocal revocations_seen
+        version = _version(book.path)
+        if version == revocations_seen:
+            return
+        revocations_seen = version
+        try:
+            server.set_revocations(Revocations(book.entries()))
+        except MeterError as exc:
+            server.set_revocations(None)  # fail closed: no new reload until it is repaired
+            click.echo(f"{exc}; no reload starts until it is repaired", err=True)
+
+    def current() -> ReloadServer:
+        reread_status()
+        reread_revocations()
         return server
 
     return current
+
+
+def _version(path: Path) -> tuple[int, int, int] | None:
+    """What tells a changed file (a rename over it changes the inode); None if absent."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 @click.command("serve")

@@ -146,10 +146,9 @@ def provider_service(url: str) -> ProviderService:
 
 
 def _audit_body(
-    report: DeviceAuditReport, certificate_pem: str, post_office: Any
+    report: DeviceAuditReport, certificate_pem: str, post_office: dict[str, Any]
 ) -> dict[str, Any]:
-    body = {"report": report.to_json(), "meter_certificate_pem": certificate_pem}
-    return body if post_office is None else {**body, "post_office": post_office}
+    return {"report": report.to_json(), "meter_certificate_pem": certificate_pem, **post_office}
 
 
 def _acknowledgement(answer: Any) -> AuditAcknowledgement:
@@ -172,11 +171,23 @@ def _serial(status: dict[str, Any]) -> int:
     return serial
 
 
-def _post_office(path: Path | None) -> Any:
+def _post_office(path: Path | None, without: bool, command: str) -> dict[str, Any]:
+    """What the provider checks the report against, as the members of the audit's body: the
+    post office's reconciliation, or the operator's explicit waiver (the provider records
+    which). Neither or both is refused before the provider or the device is asked."""
+    if path is not None and without:
+        raise InvalidInput("give --post-office FILE or --without-post-office, not both")
+    if without:
+        return {"without_post_office": True}
     if path is None:
-        return None
+        raise InvalidInput(
+            f"{command} checks the device against a post office's reconciliation: give "
+            "--post-office FILE (the JSON of `meter postoffice reconcile --json`), or "
+            "--without-post-office to have the provider audit without it (recorded in the "
+            "audit); nothing was done"
+        )
     try:
-        return json.loads(path.read_bytes())
+        return {"post_office": json.loads(path.read_bytes())}
     except (OSError, ValueError) as exc:
         raise InvalidInput(
             f"{path}: not the JSON of `meter postoffice reconcile --json` ({exc})"
@@ -192,7 +203,7 @@ def withdraw_through(
     client: DeviceClient,
     service: ProviderService,
     revocations_out: Path | None,
-    post_office: Any,
+    post_office: dict[str, Any],
 ) -> dict[str, Any]:
     """Withdraw PSD end to end between the device (a Provider session on ``client``) and the
     provider's service; every step resumes where the device's state and the provider's
@@ -254,7 +265,7 @@ def withdraw_through(
 
 
 def audit_through(
-    client: DeviceClient, service: ProviderService, post_office: Any
+    client: DeviceClient, service: ProviderService, post_office: dict[str, Any]
 ) -> dict[str, Any]:
     """One periodic device audit: the provider's nonce, the device's signed report, the
     provider's check and record, its acknowledgement into the device (watchdog restarts)."""
@@ -286,7 +297,11 @@ def _write(path: Path, text: str) -> None:
 
 
 def run_withdraw(
-    ctx: click.Context, provider: str | None, revocations_out: Path | None, post_office: Path | None
+    ctx: click.Context,
+    provider: str | None,
+    revocations_out: Path | None,
+    post_office: Path | None,
+    without_post_office: bool = False,
 ) -> None:
     """`meter withdraw`: the whole withdrawal through the provider's service."""
     with errors(ctx):
@@ -296,7 +311,7 @@ def run_withdraw(
                 f"checks the final report, refunds and acknowledges (operator key in "
                 f"{KEY_VARIABLE}); run it as the device's Provider user (--user)"
             )
-        figures = _post_office(post_office)
+        figures = _post_office(post_office, without_post_office, "meter withdraw")
         service = provider_service(provider)
         with device(ctx) as client:
             result = withdraw_through(client, service, revocations_out, figures)
@@ -316,17 +331,22 @@ def run_withdraw(
         )
 
 
-def run_device_audit(ctx: click.Context, provider: str | None, post_office: Path | None) -> None:
+def run_device_audit(
+    ctx: click.Context,
+    provider: str | None,
+    post_office: Path | None,
+    without_post_office: bool = False,
+) -> None:
     """`meter device-audit`: the unsigned health check, or with --provider the signed audit."""
     with errors(ctx):
         if provider is None:
-            if post_office is not None:
-                raise InvalidInput("--post-office goes with --provider URL")
+            if post_office is not None or without_post_office:
+                raise InvalidInput("--post-office and --without-post-office go with --provider URL")
             with device(ctx) as client:
                 answer: dict[str, Any] = client.post("/v1/device-audit", None)
             emit(ctx, answer, lambda: "\n".join(f"{k}: {_plain(v)}" for k, v in answer.items()))
             return
-        figures = _post_office(post_office)
+        figures = _post_office(post_office, without_post_office, "meter device-audit --provider")
         service = provider_service(provider)
         with device(ctx) as client:
             result = audit_through(client, service, figures)

@@ -2,8 +2,11 @@
 
 The grant is bound to the device serial, the fresh nonce of the meter's
 outstanding request and a transaction id, and signed by the provider's key
-(ECDSA P-256, signed inside the provider's token). The networked reload
-protocol wraps these same messages in an authenticated, encrypted channel.
+(ECDSA P-256, signed inside the provider's token). This is the local
+signed-grant credit (a lab's development provider). The networked reload
+protocol does not use these messages: it has its own grant and signed
+statements (meter/protocol/reload_messages.py), carried in an authenticated,
+encrypted channel with a two-phase commit (docs/reload-protocol.md).
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@ Added to the app with ``create_provider_app(..., routers=[audit_router(path)])``
 
 - ``POST /v1/audits/nonce`` ``{"device_serial": N}``: a fresh nonce (hex) for one audit.
 - ``POST /v1/audits`` ``{"report": {...}, "meter_certificate_pem": PEM,
-  "post_office": {...} (optional: `meter postoffice reconcile --json`)}``: a routine audit;
-  the signed acknowledgement the meter takes (POST /v1/device-audit/acknowledgement).
+  "post_office": {...}}`` (`meter postoffice reconcile --json`), or with
+  ``"without_post_office": true`` instead (the operator's explicit waiver, recorded):
+  a routine audit; the signed acknowledgement the meter takes
+  (POST /v1/device-audit/acknowledgement). Neither, or both: 400, nothing consumed.
 - ``POST /v1/withdrawals`` (same body): a withdrawal's final audit and the refund; the
   ``withdrawal`` acknowledgement that completes Withdraw PSD on the meter.
 - ``GET /v1/withdrawals/{serial}/acknowledgement``: the withdrawal acknowledgement of the
@@ -30,7 +32,13 @@ from meter.errors import InvalidInput
 from meter.postoffice.service_http import json_body
 from meter.protocol.device_audit import DeviceAuditReport
 from meter.provider.api_keys import KeyRole
-from meter.provider.audits import AuditDesk, PostOfficeFigures
+from meter.provider.audits import (
+    WITHOUT_POST_OFFICE,
+    AuditDesk,
+    PostOffice,
+    PostOfficeFigures,
+    require_post_office,
+)
 from meter.provider.http import ProviderContext, context, require_key
 from meter.provider.withdrawal import RevocationBook, Withdrawals
 
@@ -49,7 +57,11 @@ def audit_router(revocations: Path) -> APIRouter:
         if found is None:
             provider = ctx.provider
             desk = AuditDesk(
-                ctx.ledger, provider.certificate, provider.signer(), provider.authorization_id
+                ctx.ledger,
+                provider.certificate,
+                provider.signer(),
+                provider.authorization_id,
+                local_credited=lambda serial: provider.local_credited(serial, ctx.ledger),
             )
             found = desks[id(ctx)] = Withdrawals(desk, RevocationBook(revocations))
         return found
@@ -121,15 +133,14 @@ def _serial(body: Any) -> int:
     return serial
 
 
-def _audit_body(
-    body: Any,
-) -> tuple[DeviceAuditReport, x509.Certificate, PostOfficeFigures | None]:
+def _audit_body(body: Any) -> tuple[DeviceAuditReport, x509.Certificate, PostOffice]:
     if not isinstance(body, dict) or not {"report", "meter_certificate_pem"} <= set(body):
         raise InvalidInput(
-            "the body must hold 'report' (the meter's signed report) and "
-            "'meter_certificate_pem', and may hold 'post_office' (a reconciliation export)"
+            "the body must hold 'report' (the meter's signed report), "
+            "'meter_certificate_pem', and 'post_office' (a reconciliation export) or "
+            "'without_post_office': true"
         )
-    unknown = set(body) - {"report", "meter_certificate_pem", "post_office"}
+    unknown = set(body) - {"report", "meter_certificate_pem", *_POST_OFFICE_MEMBERS}
     if unknown:
         raise InvalidInput(f"unknown members {sorted(unknown)}")
     if not isinstance(body["report"], dict):
@@ -140,11 +151,27 @@ def _audit_body(
         cert = x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else b"")
     except ValueError as exc:
         raise InvalidInput("'meter_certificate_pem' is not a PEM certificate") from exc
-    post_office = None
-    if body.get("post_office") is not None:
-        if not isinstance(body["post_office"], dict):
-            raise InvalidInput("'post_office' must be a reconciliation export, a JSON object")
-        post_office = PostOfficeFigures.from_reconciliation(
-            body["post_office"], report.device_serial, "the post office's reconciliation"
-        )
-    return report, cert, post_office
+    return report, cert, _post_office(body, report.device_serial)
+
+
+_POST_OFFICE_MEMBERS = ("post_office", "without_post_office")
+
+
+def _post_office(body: dict[str, Any], device_serial: int) -> PostOffice:
+    """The post office's reconciliation, or the operator's explicit waiver: exactly one."""
+    given = [name for name in _POST_OFFICE_MEMBERS if body.get(name) is not None]
+    if len(given) > 1:
+        raise InvalidInput("give 'post_office' or 'without_post_office', not both")
+    waived = body.get("without_post_office")
+    if waived is not None:
+        if waived is not True:
+            raise InvalidInput("'without_post_office' must be true (or left out)")
+        return WITHOUT_POST_OFFICE
+    figures = body.get("post_office")
+    if figures is not None and not isinstance(figures, dict):
+        raise InvalidInput("'post_office' must be a reconciliation export, a JSON object")
+    if figures is None:
+        return require_post_office(None)  # refused, with the reason
+    return PostOfficeFigures.from_reconciliation(
+        figures, device_serial, "the post office's reconciliation"
+    )

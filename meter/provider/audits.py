@@ -17,6 +17,13 @@ What is refused and what is recorded (docs/withdrawal.md):
 - otherwise recorded "ok" (or "withdrawal-audited" for a withdrawal's final
   report) and acknowledged.
 
+Every audit is checked against a post office's reconciliation, or the operator says
+explicitly that it is not (WITHOUT_POST_OFFICE): the audit record says which
+(``post_office_checked``, ``post_office_waived``). Neither is refused before anything
+is consumed or recorded: a provider that silently skipped the post office would miss
+the one evidence of a rolled-back or cloned meter that the meter's own report cannot
+give.
+
 Nonces live in this desk's memory for NONCE_LIFETIME: a provider restart only
 means the meter is asked again with a new nonce.
 """
@@ -27,6 +34,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import Enum
 from typing import Any
 
 from cryptography import x509
@@ -43,10 +51,14 @@ from meter.provider.ledger import Ledger, TransactionState
 
 __all__ = [
     "NONCE_LIFETIME",
+    "WITHOUT_POST_OFFICE",
     "AuditDesk",
     "AuditFailed",
     "AuditOutcome",
+    "NoPostOffice",
+    "PostOffice",
     "PostOfficeFigures",
+    "require_post_office",
 ]
 
 NONCE_LIFETIME = timedelta(minutes=30)
@@ -98,6 +110,30 @@ class PostOfficeFigures:
         return cls(device_serial, last_sequence, last_ascending, tuple(found))
 
 
+class NoPostOffice(Enum):
+    """The operator's explicit choice to audit without a post office's reconciliation."""
+
+    WAIVED = "waived"
+
+
+WITHOUT_POST_OFFICE = NoPostOffice.WAIVED
+# What an audit is checked against besides the ledger: a post office's figures, or the
+# operator's recorded waiver. Never nothing.
+PostOffice = PostOfficeFigures | NoPostOffice
+
+
+def require_post_office(post_office: object) -> PostOffice:
+    """``post_office`` if it is figures or the explicit waiver; InvalidInput otherwise
+    (None included), before anything is consumed or recorded."""
+    if isinstance(post_office, PostOfficeFigures | NoPostOffice):
+        return post_office
+    raise InvalidInput(
+        "a device audit is checked against a post office's reconciliation (`meter postoffice "
+        "reconcile --json`), or the operator says explicitly that it is audited without one "
+        "(recorded in the audit): neither was given, nothing was checked or recorded"
+    )
+
+
 class AuditDesk:
     """Device audits for one provider: its certificate, its signing key, its ledger."""
 
@@ -107,12 +143,21 @@ class AuditDesk:
         certificate: x509.Certificate,
         sign: Callable[[bytes], bytes],
         authorization_id: int,
+        local_credited: Callable[[int], int] | None = None,
     ) -> None:
         self.ledger = ledger
         self.certificate = certificate
         self.sign = sign
         self.authorization_id = authorization_id
+        # Credit granted outside the accounts ledger (a lab's local signed grants,
+        # Provider.local_credited): a meter's control total counts it too.
+        self._local_credited = local_credited
         self._nonces: dict[tuple[int, bytes], datetime] = {}
+
+    def credited(self, device_serial: int) -> int:
+        """All the credit this provider granted the meter: COMMITTED, plus local grants."""
+        local = 0 if self._local_credited is None else self._local_credited(device_serial)
+        return self.ledger.credited(device_serial) + local
 
     def new_nonce(self, device_serial: int, now: datetime) -> bytes:
         """A fresh nonce for one audit of ``device_serial``, good for NONCE_LIFETIME."""
@@ -170,7 +215,7 @@ class AuditDesk:
         prepared = [
             t for t in self.ledger.open_transactions(serial) if t.state is TransactionState.PREPARED
         ]
-        if not prepared or report.control_total != self.ledger.credited(serial):
+        if not prepared or report.control_total != self.credited(serial):
             return []
         aborted = []
         for t in prepared:
@@ -184,15 +229,35 @@ class AuditDesk:
                 aborted.append(t.transaction_id.hex())
         return aborted
 
-    def findings(
-        self, report: DeviceAuditReport, post_office: PostOfficeFigures | None
-    ) -> list[str]:
+    def commit_applied_at_withdrawal(self, report: DeviceAuditReport, now: datetime) -> list[str]:
+        """Commit the meter's PREPARED transactions that its verified final report proves
+        it applied: its signed control total is exactly what the ledger credited plus all
+        of them. (Amounts are positive and none applies twice, so only the whole set can
+        make up that sum.) Their receipts were lost, and a withdrawing meter has no next
+        reload to hand them over: without this, the customer's funds would stay reserved
+        for credit that the refund of the descending register pays back. The signed
+        report is kept as each one's receipt. Anything else stays open, and is a finding.
+        """
+        if not report.withdrawing:
+            raise ProtocolError("only a withdrawal's final report settles applied credit")
+        serial = report.device_serial
+        prepared = [
+            t for t in self.ledger.open_transactions(serial) if t.state is TransactionState.PREPARED
+        ]
+        applied = sum(t.amount for t in prepared)
+        if not prepared or report.control_total != self.credited(serial) + applied:
+            return []
+        for t in prepared:
+            self.ledger.commit(t.transaction_id, report.to_bytes(), now)
+        return [t.transaction_id.hex() for t in prepared]
+
+    def findings(self, report: DeviceAuditReport, post_office: PostOffice) -> list[str]:
         """What disagrees between a verified report and the ledger and the post office."""
         found = []
         serial = report.device_serial
         if not report.self_tests_passed:
             found.append("the meter's self-tests failed")
-        credited = self.ledger.credited(serial)
+        credited = self.credited(serial)
         pending = sum(
             t.amount
             for t in self.ledger.open_transactions(serial)
@@ -204,7 +269,7 @@ class AuditDesk:
                 f"control total {report.control_total} mills, the ledger credited {credited}"
                 + (f" (+{pending} prepared)" if pending else "")
             )
-        if post_office is not None:
+        if isinstance(post_office, PostOfficeFigures):
             if post_office.device_serial != serial:
                 raise InvalidInput(
                     f"post office figures of device {post_office.device_serial} given for "
@@ -232,9 +297,10 @@ class AuditDesk:
         report: DeviceAuditReport,
         meter_certificate: x509.Certificate,
         now: datetime,
-        post_office: PostOfficeFigures | None = None,
+        post_office: PostOffice,
     ) -> AuditAcknowledgement:
         """Verify, check, record; the signed acknowledgement of a clean routine audit."""
+        post_office = require_post_office(post_office)
         if report.withdrawing:
             raise ProtocolError(
                 f"meter {report.device_serial} is being withdrawn: its report is the "
@@ -250,12 +316,13 @@ class AuditDesk:
         self,
         report: DeviceAuditReport,
         now: datetime,
-        post_office: PostOfficeFigures | None,
+        post_office: PostOffice,
         outcome: str,
         extra: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """For a verified report: record it as ``outcome`` when its figures agree, as
         "failed" with the findings (then AuditFailed) when they do not. The details."""
+        post_office = require_post_office(post_office)
         found = self.findings(report, post_office)
         details: dict[str, Any] = {
             "report_sha256": report.digest().hex(),
@@ -266,7 +333,8 @@ class AuditDesk:
             "descending": report.descending,
             "piece_count": report.piece_count,
             "withdrawing": report.withdrawing,
-            "post_office_checked": post_office is not None,
+            "post_office_checked": isinstance(post_office, PostOfficeFigures),
+            "post_office_waived": post_office is WITHOUT_POST_OFFICE,
             **(extra or {}),
         }
         if found:

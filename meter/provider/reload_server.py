@@ -27,7 +27,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from meter.errors import AccessDenied, CertificateError, ProtocolError
+from meter.errors import AccessDenied, CertificateError, ConfigurationError, ProtocolError
 from meter.pki.reload_certs import ProviderStatus
 from meter.pki.revocation import Revocations
 from meter.protocol.reload import (
@@ -115,7 +115,7 @@ class ReloadServer:
         self._certificate: x509.Certificate = provider.certificate
         self._ledger = ledger
         self._status = ProviderStatus.from_bytes(status).to_bytes()
-        self._revocations = revocations or Revocations.empty()
+        self._revocations: Revocations | None = revocations or Revocations.empty()
         self._clock = clock or (lambda: datetime.now(UTC))
         self._sessions: dict[bytes, _Session] = {}
         # One step at a time: the token is serialized anyway, and a meter's open
@@ -135,6 +135,13 @@ class ReloadServer:
             )
         with self._lock:
             self._status = parsed.to_bytes()
+
+    def set_revocations(self, revocations: Revocations | None) -> None:
+        """The provider's revocation list from now on (serve rereads its file when it
+        changes). None while the file is unreadable: no new session starts meanwhile, so
+        a meter revoked in the damaged list gets no credit; sessions under way finish."""
+        with self._lock:
+            self._revocations = revocations
 
     # -- the steps -----------------------------------------------------------
 
@@ -168,6 +175,11 @@ class ReloadServer:
             raise ProtocolError("the provider has too many reload sessions open; retry later")
         hello = Hello.from_bytes(message)
         meter = check_hello(hello, self._certificate, now)
+        if self._revocations is None:
+            raise ConfigurationError(
+                "the provider's revocation list is unreadable: no reload starts until an "
+                "operator repairs it (meter provider serve's error output says why)"
+            )
         revoked = self._revocations.revoked_at(meter.device_serial)
         if revoked is not None and revoked <= now:
             raise CertificateError(

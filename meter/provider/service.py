@@ -1,4 +1,8 @@
-"""The provider: certifies (authorizes) meters and grants them credit, keeping a ledger."""
+"""The provider: certifies (authorizes) meters and grants them credit, keeping a ledger.
+
+The ledger here is the file of local signed grants (a lab's development provider); the
+accounts ledger of the provider's service (customers, funds, reloads) is meter.provider.ledger.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from meter.errors import ConfigurationError, InvalidInput, ProtocolError
 from meter.protocol.credit import CreditGrant, CreditRequest, verify_provider_certificate
 from meter.protocol.credited import CreditedExport
 from meter.provider.authority import CertifyingParty
+from meter.provider.ledger import Ledger
 from meter.token import Token
 
 __all__ = ["Provider"]
@@ -72,19 +77,40 @@ class Provider(CertifyingParty):
             if e["device_serial"] == device_serial
         )
 
-    def export_credited(self, now: datetime) -> dict[str, object]:
+    def export_credited(self, now: datetime, accounts: Ledger | None) -> dict[str, object]:
         """Every device's credited total, signed by this provider's key, for post offices.
 
-        The format is in meter/protocol/credited.py; a post office reconciles
-        ascending registers against it (an ascending register above it is
-        postage the provider never sold).
+        The total is what this provider COMMITTED to the meter: the credit transactions
+        the accounts ledger ``accounts`` holds COMMITTED (reloads; never PREPARED ones,
+        whose credit the meter may not have), plus the local signed grants of this
+        provider's grant file (a lab's development provider) that the accounts ledger
+        does not hold already under the same transaction id, so none counts twice.
+        ``accounts`` None: a provider without an accounts ledger, local grants only.
+
+        The format is in meter/protocol/credited.py; a post office reconciles registers
+        against it (a control total above it is credit the provider never granted).
         """
-        totals: dict[int, int] = {}
-        for entry in self._ledger_entries():
-            serial = int(str(entry["device_serial"]))
-            totals[serial] = totals.get(serial, 0) + int(str(entry["amount"]))
+        totals: dict[int, int] = {} if accounts is None else dict(accounts.credited_totals())
+        for serial, amount in self._local_grants(accounts):
+            totals[serial] = totals.get(serial, 0) + amount
         export = CreditedExport(self.authorization_id, now.replace(microsecond=0), totals)
         return export.signed_by(self.signer()).to_json()
+
+    def local_credited(self, device_serial: int, accounts: Ledger | None) -> int:
+        """The local signed grants to ``device_serial`` that ``accounts`` does not hold:
+        with the accounts ledger's COMMITTED credit, everything this provider granted it
+        (a device audit compares the meter's control total with that sum)."""
+        return sum(a for serial, a in self._local_grants(accounts) if serial == device_serial)
+
+    def _local_grants(self, accounts: Ledger | None) -> list[tuple[int, int]]:
+        """(device serial, amount) of each local grant not in ``accounts`` already."""
+        grants = []
+        for entry in self._ledger_entries():
+            transaction_id = bytes.fromhex(str(entry["transaction_id"]))
+            if accounts is not None and accounts.transaction(transaction_id) is not None:
+                continue  # recorded in the accounts ledger too: counted there (if committed)
+            grants.append((int(str(entry["device_serial"])), int(str(entry["amount"]))))
+        return grants
 
     def grant_credit(self, request: CreditRequest, amount: int, now: datetime) -> CreditGrant:
         """Sign a grant of ``amount`` mills for the meter's request, recorded before it is returned."""

@@ -4,7 +4,8 @@ The steps, each safe to rerun after a crash of either side (docs/withdrawal.md):
 
 1. ``final_audit``: the meter's final signed report (made after it stopped
    issuing, ``withdrawing`` true) is verified like any audit and checked
-   against the ledger and, if given, the post office's reconciliation; it is
+   against the ledger and the post office's reconciliation (or the operator's
+   recorded waiver of it, meter.provider.audits.WITHOUT_POST_OFFICE); it is
    recorded "withdrawal-audited" with the provider's time, which starts the
    refund window. Then the refund (2) and the signed ``withdrawal``
    acknowledgement that lets the meter destroy its keys (3, 4).
@@ -36,7 +37,7 @@ from meter.errors import CertificateError, ConfigurationError, InvalidInput, Pro
 from meter.pki.revocation import Revocations
 from meter.protocol.device_audit import AckOutcome, AuditAcknowledgement, DeviceAuditReport
 from meter.protocol.revocation_export import RevocationExport
-from meter.provider.audits import AuditDesk, AuditOutcome, PostOfficeFigures
+from meter.provider.audits import AuditDesk, AuditOutcome, PostOffice, require_post_office
 
 __all__ = [
     "REFUND_WINDOW",
@@ -117,20 +118,25 @@ class Withdrawals:
         report: DeviceAuditReport,
         meter_certificate: x509.Certificate,
         now: datetime,
-        post_office: PostOfficeFigures | None = None,
+        post_office: PostOffice,
     ) -> AuditAcknowledgement:
         """Steps 1 and 2: the final audit, the refund; the acknowledgement for step 3."""
+        post_office = require_post_office(post_office)  # before the nonce is used up
         if not report.withdrawing:
             raise ProtocolError(
                 f"the report of meter {report.device_serial} is not a withdrawal's: the meter "
                 "has not stopped issuing (Withdraw PSD with the provider's nonce first)"
             )
         made_after = self.desk.verify_report(report, meter_certificate, now)
-        # A withdrawing meter takes no credit: what it never applied is released now.
+        # A withdrawing meter takes no credit: what its signed control total shows it
+        # applied is committed, what it never applied is released, now.
+        committed = self.desk.commit_applied_at_withdrawal(report, now)
         aborted = self.desk.settle_unapplied(report, made_after)
         last = self._withdrawal_record(report.device_serial)
         if last is None:
             extra: dict[str, object] = {"withdrawal_audited_at": now.isoformat()}
+            if committed:
+                extra["committed_applied"] = committed
             if aborted:
                 extra["aborted_unapplied"] = aborted
             self.desk.check_and_record(report, now, post_office, WithdrawalOutcome.AUDITED, extra)

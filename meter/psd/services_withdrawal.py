@@ -13,7 +13,8 @@ Withdrawal, device side:
    ledger and signs a ``withdrawal`` acknowledgement.)
 3. ``withdraw_psd(acknowledgement=...)``: verified against the pinned provider
    certificate and the registers, the audit log is sealed a last time, then
-   the signing, key-exchange and audit private keys are destroyed in the token.
+   every private key of the meter (signing, key-exchange, audit and reload
+   authentication) is destroyed in the token, with the reload key's certificate.
 4. The state records ``withdrawn_at`` (durable). Rerun after a crash between 3
    and 4: the keys are gone already, the state is written.
 5. (the provider revokes the meter's certificate in its revocation export.)
@@ -39,13 +40,19 @@ from meter.protocol.device_audit import (
 from meter.psd.device import SIGNING_KEY_LABEL, Meter
 from meter.psd.firmware_core import AUDIT_KEY_LABEL, KEY_EXCHANGE_LABEL
 from meter.psd.roles import Service
+from meter.psd.services_reload import RELOAD_CERT_APPLICATION, RELOAD_KEY_LABEL
 from meter.psd.services_status import StatusServices
 from meter.psd.watchdog import WatchdogStatus, watchdog_of
 
 __all__ = ["DESTROYED_AT_WITHDRAWAL", "MAX_ACK_DELAY", "AuditServices"]
 
-# The private keys a withdrawal destroys; the register MAC key stays (see above).
-DESTROYED_AT_WITHDRAWAL = (SIGNING_KEY_LABEL, KEY_EXCHANGE_LABEL, AUDIT_KEY_LABEL)
+# Every private key of the meter, which a withdrawal destroys; the register MAC key stays
+# (see above). The reload key goes too: a withdrawn device must hold no key that could still
+# authenticate it to its provider. Stored reload receipts stay: they are statements signed
+# already, not keys, and no reload can fetch one once the withdrawal began (step 1): the
+# provider's final audit (step 2, before any key goes) is where open transactions are
+# settled (docs/withdrawal.md, step 3).
+DESTROYED_AT_WITHDRAWAL = (SIGNING_KEY_LABEL, KEY_EXCHANGE_LABEL, AUDIT_KEY_LABEL, RELOAD_KEY_LABEL)
 # How long after its report an acknowledgement still counts, on the meter's clock.
 MAX_ACK_DELAY = timedelta(hours=24)
 _KEPT_REPORTS = 8  # reports awaiting an acknowledgement, newest kept
@@ -213,8 +220,12 @@ class AuditServices(StatusServices):
                 f"{r.ascending}/{r.descending} and {r.sequence}"
             )
         self._seal()  # the last seal the audit key makes
+        # Each destruction is idempotent (a missing key or object is no error), so a rerun
+        # after a crash anywhere in here finishes the job.
         for label in DESTROYED_AT_WITHDRAWAL:
             self.token.destroy_key(label)
+        for certificate in self.token.data_objects(RELOAD_CERT_APPLICATION):
+            self.token.destroy(certificate)  # it certifies a key that no longer exists
         self.token.make_durable()
         at = self.meter_now().isoformat()
         meter.commit_state(meter.state.next(withdrawn_at=at, signing_key_active=False))
