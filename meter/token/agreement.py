@@ -25,6 +25,7 @@ from pkcs11.util.ec import encode_named_curve_parameters
 
 from meter.errors import ProtocolError, TokenError
 from meter.token.session import Token
+from meter.token.spki import ec_point
 
 __all__ = ["POINT_LENGTH", "EphemeralKey", "generate_ephemeral", "shared_secret"]
 
@@ -68,7 +69,7 @@ def generate_ephemeral(token: Token, purpose: str) -> EphemeralKey:
                 Attribute.SIGN: False,
             },
         )
-        point = _octet_string_payload(bytes(public[Attribute.EC_POINT]))
+        point = ec_point(bytes(public[Attribute.EC_POINT]))
     if len(point) != POINT_LENGTH or point[0] != 0x04:
         raise TokenError(f"{token.where}: ephemeral public key is not an uncompressed P-256 point")
     return EphemeralKey(point, private, public)
@@ -124,10 +125,3 @@ def destroy(token: Token, key: EphemeralKey) -> None:
         except TokenError:
             pass  # the session it lived in has gone, and the key with it
     key._private = key._public = None
-
-
-def _octet_string_payload(der: bytes) -> bytes:
-    """The content of a DER OCTET STRING (CKA_EC_POINT is one)."""
-    if len(der) == POINT_LENGTH + 2 and der[:2] == bytes([0x04, POINT_LENGTH]):
-        return der[2:]
-    return der

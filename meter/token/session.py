@@ -22,6 +22,7 @@ from meter.errors import AccessDenied, ConfigurationError, TokenError, TokenUnav
 from meter.token._errors import translated
 from meter.token.module import Pkcs11Module
 from meter.token.profile import CAPABILITIES, KeyAlgorithm
+from meter.token.spki import ec_point, ed25519_spki, rsa_spki
 
 __all__ = ["DataObject", "KeyKind", "Login", "Token"]
 
@@ -39,35 +40,6 @@ _CURVES = {
     KeyAlgorithm.ECDSA_P256: (KeyType.EC, Mechanism.EC_KEY_PAIR_GEN, _P256_OID),
     KeyAlgorithm.ED25519: (KeyType.EC_EDWARDS, Mechanism.EC_EDWARDS_KEY_PAIR_GEN, _ED25519_OID),
 }
-# DER prefixes of SubjectPublicKeyInfo for keys whose encoding python-pkcs11 does not build.
-_ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
-_RSA_ALGID = bytes.fromhex("300d06092a864886f70d0101010500")
-
-
-def _der_len(n: int) -> bytes:
-    if n < 0x80:
-        return bytes([n])
-    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(body)]) + body
-
-
-def _rsa_spki(rsa_public_key_der: bytes) -> bytes:
-    bitstring = b"\x03" + _der_len(len(rsa_public_key_der) + 1) + b"\x00" + rsa_public_key_der
-    body = _RSA_ALGID + bitstring
-    return b"\x30" + _der_len(len(body)) + body
-
-
-def _octet_string_payload(der: bytes) -> bytes:
-    """The content of a DER OCTET STRING (CKA_EC_POINT is one)."""
-    if not der or der[0] != 0x04:
-        return der  # some tokens return the raw point
-    length = der[1]
-    offset = 2
-    if length & 0x80:
-        count = length & 0x7F
-        length = int.from_bytes(der[2 : 2 + count], "big")
-        offset = 2 + count
-    return der[offset : offset + length]
 
 
 @dataclass(frozen=True)
@@ -407,10 +379,9 @@ class Token:
             if key_type == KeyType.EC:
                 return bytes(encode_ec_public_key(key))
             if key_type == KeyType.EC_EDWARDS:
-                point = _octet_string_payload(bytes(key[Attribute.EC_POINT]))
-                return _ED25519_SPKI_PREFIX + point
+                return ed25519_spki(ec_point(bytes(key[Attribute.EC_POINT])))
             if key_type == KeyType.RSA:
-                return _rsa_spki(bytes(encode_rsa_public_key(key)))
+                return rsa_spki(bytes(encode_rsa_public_key(key)))
         raise TokenError(f"{self.where}: public key '{label}' has unsupported type {key_type}")
 
     def has_key(self, label: str) -> bool:
