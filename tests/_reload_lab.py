@@ -10,11 +10,19 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meter.cli.home import Home
+
+if TYPE_CHECKING:
+    from meter.provider.ledger_sql import SqlLedger
+    from meter.provider.reload_server import ReloadServer
+    from meter.psd.firmware import PSD
 
 __all__ = [
     "AUDITOR_USER",
@@ -25,6 +33,7 @@ __all__ = [
     "Lab",
     "certify_reload_key",
     "make_home",
+    "meter_and_provider",
     "prepare_lab",
     "second_meter",
 ]
@@ -99,6 +108,37 @@ def prepare_lab(home: Home, ledger: str | None = None) -> Lab:
     finally:
         opened.close()
     return Lab(home, location, status_path, serial, baseline, FUNDS)
+
+
+@contextmanager
+def meter_and_provider(
+    lab: Lab,
+    home: Home | None = None,
+    *,
+    status: bytes | None = None,
+    user: tuple[str, str] = PROVIDER_USER,
+) -> Iterator[tuple[PSD, ReloadServer, SqlLedger]]:
+    """In one process: the firmware over the meter token of ``home`` (the lab's by
+    default), logged on as ``user``, and the provider's ReloadServer over that home's
+    provider token and the lab's ledger, stapling ``status`` (the lab's by default)."""
+    from meter.provider import Provider
+    from meter.provider.ledger_sql import open_ledger
+    from meter.provider.reload_server import ReloadServer
+    from meter.psd.firmware import PSD
+
+    home = home or lab.home
+    with (
+        PSD.power_up(home.open_device_token(), home.device) as psd,
+        home.open_token("provider") as token,
+    ):
+        psd.logon(*user)
+        ledger = open_ledger(lab.ledger)
+        try:
+            provider = Provider.open(token, home.ledger)
+            server = ReloadServer(provider, ledger, status or lab.status.read_bytes())
+            yield psd, server, ledger
+        finally:
+            ledger.close()
 
 
 def second_meter(first: Home, path: Path, device_serial: int) -> Home:

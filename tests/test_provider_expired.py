@@ -21,12 +21,9 @@ from click.testing import CliRunner
 from meter.cli.home import Home
 from meter.cli.main import cli
 from meter.protocol.reload import PREPARE_TIMEOUT
-from meter.provider import Provider
 from meter.provider.ledger import TransactionState
 from meter.provider.ledger_sql import open_ledger
-from meter.provider.reload_server import ReloadServer
-from meter.psd.firmware import PSD
-from tests._reload_lab import CUSTOMER, PROVIDER_USER, Lab, prepare_lab
+from tests._reload_lab import CUSTOMER, Lab, meter_and_provider, prepare_lab
 
 pytestmark = pytest.mark.softhsm
 
@@ -35,33 +32,21 @@ def _reload(lab: Lab, amount: int, *, lose_the_grant: bool) -> bytes:
     """One session between the meter and the provider; with ``lose_the_grant`` the host
     drops the grant (a cut connection) and the meter's session is cancelled. The
     transaction id the provider prepared."""
-    home = lab.home
-    with (
-        PSD.power_up(home.open_device_token(), home.device) as psd,
-        home.open_token("provider") as token,
-    ):
-        psd.logon(*PROVIDER_USER)
-        ledger = open_ledger(lab.ledger)
-        try:
-            server = ReloadServer(
-                Provider.open(token, home.ledger), ledger, lab.status.read_bytes()
-            )
-            begun = psd.reload_begin(amount)
-            step = server.hello(bytes.fromhex(begun["message_hex"]))
-            message = step.message
-            for _ in range(2):  # accept -> finish, settle -> answers; the answer is the grant
-                answer = psd.reload_next(message or b"")
-                reply = server.next(step.session_id, bytes.fromhex(answer["message_hex"]))
-                message = reply.message
-            txid = bytes.fromhex(reply.result["transaction_id"])
-            if lose_the_grant:
-                psd.reload_cancel()
-                return txid
-            receipt = psd.reload_next(message or b"")
-            server.next(step.session_id, bytes.fromhex(receipt["message_hex"]))
+    with meter_and_provider(lab) as (psd, server, _):
+        begun = psd.reload_begin(amount)
+        step = server.hello(bytes.fromhex(begun["message_hex"]))
+        message = step.message
+        for _ in range(2):  # accept -> finish, settle -> answers; the answer is the grant
+            answer = psd.reload_next(message or b"")
+            reply = server.next(step.session_id, bytes.fromhex(answer["message_hex"]))
+            message = reply.message
+        txid = bytes.fromhex(reply.result["transaction_id"])
+        if lose_the_grant:
+            psd.reload_cancel()
             return txid
-        finally:
-            ledger.close()
+        receipt = psd.reload_next(message or b"")
+        server.next(step.session_id, bytes.fromhex(receipt["message_hex"]))
+        return txid
 
 
 def _expired(lab: Lab, *args: str) -> tuple[int, str]:

@@ -33,7 +33,7 @@ from meter.pki.reload_certs import ProviderStatus, ProviderStatusKind, make_relo
 from meter.protocol.reload_messages import Finish, Kind, Record
 from meter.provider import PostalRoot, Provider
 from meter.provider.ledger import TransactionState
-from meter.provider.ledger_sql import SqlLedger, open_ledger
+from meter.provider.ledger_sql import SqlLedger
 from meter.provider.ledger_sqlite import SqliteLedger
 from meter.provider.reload_server import ReloadServer
 from meter.psd.firmware import PSD
@@ -41,6 +41,7 @@ from meter.psd.services_reload import RECEIPT_APPLICATION, RELOAD_KEY_LABEL
 from meter.token import Token, ensure_token
 from meter.token.agreement import generate_ephemeral, shared_secret
 from tests._reload_harness import AUTHORITY_USER, CUSTOMER, PROVIDER_USER, Lab, prepare_lab
+from tests._reload_lab import meter_and_provider
 from tests.conftest import ROLE_USERS
 
 pytestmark = pytest.mark.softhsm
@@ -101,20 +102,8 @@ class Parties:
 def parties(
     lab: Lab, status: bytes | None = None, user: tuple[str, str] = PROVIDER_USER
 ) -> Iterator[Parties]:
-    home = lab.home
-    with (
-        PSD.power_up(home.open_device_token(), home.device) as psd,
-        home.open_token("provider") as token,
-    ):
-        psd.logon(*user)
-        ledger = open_ledger(lab.ledger)
-        try:
-            server = ReloadServer(
-                Provider.open(token, home.ledger), ledger, status or lab.status.read_bytes()
-            )
-            yield Parties(psd, InProcessDevice(psd), server, ledger, [])
-        finally:
-            ledger.close()
+    with meter_and_provider(lab, status=status, user=user) as (psd, server, ledger):
+        yield Parties(psd, InProcessDevice(psd), server, ledger, [])
 
 
 def test_a_reload_credits_the_meter_and_commits_at_the_provider(lab: Lab) -> None:

@@ -10,8 +10,6 @@ pending state and the provider's ledger are as they were.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,36 +18,14 @@ import pytest
 from meter.cli.home import Home
 from meter.errors import ProtocolError
 from meter.protocol.reload_messages import Record
-from meter.provider import Provider
-from meter.provider.ledger_sql import SqlLedger, open_ledger
+from meter.provider.ledger_sql import open_ledger
 from meter.provider.reload_server import ReloadServer, ReloadStep
-from meter.psd.firmware import PSD
 from meter.psd.services_reload import RECEIPT_APPLICATION
-from tests._reload_lab import CUSTOMER, PROVIDER_USER, Lab, prepare_lab, second_meter
+from tests._reload_lab import CUSTOMER, meter_and_provider, prepare_lab, second_meter
 
 pytestmark = pytest.mark.softhsm
 
 METER_B = 983973031310
-
-
-@contextmanager
-def meter_and_provider(home: Home, lab: Lab) -> Iterator[tuple[PSD, ReloadServer, SqlLedger]]:
-    """The firmware over ``home``'s meter token, logged on as Provider, and the provider's
-    ReloadServer over ``home``'s provider token and the lab's ledger."""
-    with (
-        PSD.power_up(home.open_device_token(), home.device) as psd,
-        home.open_token("provider") as token,
-    ):
-        psd.logon(*PROVIDER_USER)
-        ledger = open_ledger(lab.ledger)
-        try:
-            yield (
-                psd,
-                ReloadServer(Provider.open(token, home.ledger), ledger, lab.status.read_bytes()),
-                ledger,
-            )
-        finally:
-            ledger.close()
 
 
 def _to_provider(server: ReloadServer, step: ReloadStep, answer: dict[str, object]) -> ReloadStep:
@@ -60,7 +36,7 @@ def test_a_session_recorded_with_one_meter_is_refused_by_another(
     device_home: Home, tmp_path: Path
 ) -> None:
     lab = prepare_lab(device_home)
-    with meter_and_provider(lab.home, lab) as (psd, server, _):  # meter A's real session
+    with meter_and_provider(lab) as (psd, server, _):  # meter A's real session
         begun = psd.reload_begin(5_000)
         step = server.hello(bytes.fromhex(begun["message_hex"]))
         sent = [step.message]
@@ -80,7 +56,7 @@ def test_a_session_recorded_with_one_meter_is_refused_by_another(
     finally:
         ledger.close()
 
-    with meter_and_provider(home_b, lab) as (psd, server, ledger):
+    with meter_and_provider(lab, home_b) as (psd, server, ledger):
         registers = psd._require_meter().registers
         assert psd._require_meter().identity.device_serial == METER_B
 
